@@ -1,0 +1,13 @@
+//! mergeattack core: the pure arithmetic of the tool.
+//!
+//! `#![no_std]` + `alloc`: no I/O, no ONNX, no clocks, no threads. Merges see only named f32
+//! tensors ([`tensor::ParamSet`]); attacks see only the [`classifier::Classifier`] trait. Every
+//! random draw comes from a ChaCha stream derived by [`rng::stream`].
+#![no_std]
+
+extern crate alloc;
+
+pub mod classifier;
+pub mod merge;
+pub mod rng;
+pub mod tensor;

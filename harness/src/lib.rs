@@ -1,0 +1,3 @@
+//! The mergeattack harness: everything a user touches (CLI, files, data, zoo, study, store, report).
+pub mod cli;
+pub mod commands;
