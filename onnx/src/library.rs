@@ -36,3 +36,50 @@ pub fn cache_root() -> PathBuf {
 pub fn cached_library_path() -> PathBuf {
     cache_root().join(format!("onnxruntime-{ORT_VERSION}")).join(ORT_LIBRARY_FILE)
 }
+
+/// Why ONNX Runtime could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LibraryError {
+    #[error(
+        "the ONNX Runtime library was not found at {path} (run `mergeattack setup` to fetch the pinned \
+         onnxruntime {ORT_VERSION}, or set ORT_DYLIB_PATH to a libonnxruntime.so of version >= 1.31)"
+    )]
+    Missing { path: String },
+    #[error("the ONNX Runtime library at {path} could not be loaded: {detail}")]
+    Load { path: String, detail: String },
+}
+
+/// The library to load: `$ORT_DYLIB_PATH` when set, else the cached pinned copy.
+pub fn library_path() -> PathBuf {
+    match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => cached_library_path(),
+    }
+}
+
+/// Load ONNX Runtime once per process and keep its environment alive. Safe to call many times;
+/// every call after the first returns the first call's result.
+pub fn init() -> Result<(), LibraryError> {
+    use std::sync::OnceLock;
+    static ENV: OnceLock<Result<ort::environment::Environment, LibraryError>> = OnceLock::new();
+    let res = ENV.get_or_init(|| {
+        let path = library_path();
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(LibraryError::Missing { path: shown });
+        }
+        let builder =
+            ort::init_from(&path).map_err(|e| LibraryError::Load { path: shown.clone(), detail: e.to_string() })?;
+        builder.with_name("mergeattack").build().map_err(|e| LibraryError::Load { path: shown, detail: e.to_string() })
+    });
+    res.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loads_the_pinned_library() {
+        super::init().expect("run `mergeattack setup` first");
+        super::init().expect("second init returns the first result");
+    }
+}
