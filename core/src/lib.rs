@@ -9,5 +9,8 @@ extern crate alloc;
 
 pub mod classifier;
 pub mod merge;
+pub mod metrics;
 pub mod rng;
+pub mod stats;
 pub mod tensor;
+pub mod transform;
