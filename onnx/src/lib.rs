@@ -2,3 +2,4 @@
 //! the CLIP ViT builders, weight import/export and the ONNX Runtime session wrapper.
 pub mod clip;
 pub mod library;
+pub mod weights;
