@@ -13,8 +13,13 @@ use core::fmt;
 
 use crate::tensor::{ParamSet, TensorError};
 
+mod common;
+mod task_arithmetic;
+mod ties;
 mod weight_average;
 
+pub use task_arithmetic::TaskArithmetic;
+pub use ties::Ties;
 pub use weight_average::WeightAverage;
 
 /// What a merge reads.
@@ -268,7 +273,7 @@ pub trait MergeMethod: Sync {
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError>;
 }
 
-static REGISTRY: &[&dyn MergeMethod] = &[&WeightAverage];
+static REGISTRY: &[&dyn MergeMethod] = &[&WeightAverage, &TaskArithmetic, &Ties];
 
 /// Every data-free merge method, in listing order.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {
