@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod attack;
 pub mod classifier;
 pub mod merge;
 pub mod metrics;
