@@ -371,7 +371,7 @@ impl AttackConfig {
                 }
             }
         }
-        if uses("kernel-len") && self.kernel_len % 2 == 0 {
+        if uses("kernel-len") && self.kernel_len.is_multiple_of(2) {
             return Err(AttackError::OutOfRange {
                 param: "kernel-len",
                 value: self.kernel_len as f64,

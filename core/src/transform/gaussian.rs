@@ -23,7 +23,7 @@ pub struct GaussianKernel {
 impl GaussianKernel {
     /// The kernel of odd length `len` over `[-nsig, nsig]`.
     pub fn new(len: usize, nsig: f64) -> Result<Self, TransformError> {
-        if len == 0 || len % 2 == 0 {
+        if len == 0 || len.is_multiple_of(2) {
             return Err(TransformError(format!("the TI kernel length must be odd, got {len}")));
         }
         if !(nsig > 0.0 && nsig.is_finite()) {
@@ -99,9 +99,8 @@ impl GaussianKernel {
                 let a0 = p.saturating_sub(i);
                 let a1 = (h + p - i).min(k.len());
                 let d = &mut dst[i * w..(i + 1) * w];
-                for a in a0..a1 {
+                for (a, &ka) in k.iter().enumerate().take(a1).skip(a0) {
                     let r = i + a - p;
-                    let ka = k[a];
                     for (dj, tj) in d.iter_mut().zip(&tmp[r * w..(r + 1) * w]) {
                         *dj += ka * tj;
                     }
