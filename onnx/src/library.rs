@@ -60,6 +60,12 @@ pub fn library_path() -> PathBuf {
 /// Load ONNX Runtime once per process and keep its environment alive. Safe to call many times;
 /// every call after the first returns the first call's result.
 pub fn init() -> Result<(), LibraryError> {
+    environment().map(|_| ())
+}
+
+/// The process's ONNX Runtime environment (loading the library on first use), for
+/// `ort::session::Session::builder(env)`.
+pub fn environment() -> Result<&'static ort::environment::Environment, LibraryError> {
     use std::sync::OnceLock;
     static ENV: OnceLock<Result<ort::environment::Environment, LibraryError>> = OnceLock::new();
     let res = ENV.get_or_init(|| {
@@ -72,7 +78,7 @@ pub fn init() -> Result<(), LibraryError> {
             ort::init_from(&path).map_err(|e| LibraryError::Load { path: shown.clone(), detail: e.to_string() })?;
         builder.with_name("mergeattack").build().map_err(|e| LibraryError::Load { path: shown, detail: e.to_string() })
     });
-    res.as_ref().map(|_| ()).map_err(Clone::clone)
+    res.as_ref().map_err(Clone::clone)
 }
 
 #[cfg(test)]
