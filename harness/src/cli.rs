@@ -29,6 +29,10 @@ pub enum Command {
     Methods(commands::merge::MethodsArgs),
     /// Merge generated CLIP-shaped checkpoints end to end (the built-in demo).
     Demo(commands::merge::DemoArgs),
+    /// Fetch the pinned external artifacts (ONNX Runtime, mini-suite data) into the cache.
+    Setup(commands::setup::SetupArgs),
+    /// List the mini-suite tasks, or describe a data set and draw a contact sheet.
+    Data(commands::data::DataArgs),
 }
 
 /// Parse arguments, run, and map errors to exit code 2 with one sentence.
@@ -39,6 +43,8 @@ pub fn main() -> ExitCode {
         Command::Merge(a) => commands::merge::run(a),
         Command::Methods(a) => commands::merge::methods(a),
         Command::Demo(a) => commands::merge::demo(a),
+        Command::Setup(a) => commands::setup::run(a),
+        Command::Data(a) => commands::data::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,5 @@
 //! The mergeattack harness: everything a user touches (CLI, files, data, zoo, study, store, report).
 pub mod cli;
 pub mod commands;
+pub mod data;
+pub mod setup;
