@@ -29,6 +29,8 @@ pub enum Command {
     Methods(commands::merge::MethodsArgs),
     /// Merge generated CLIP-shaped checkpoints end to end (the built-in demo).
     Demo(commands::merge::DemoArgs),
+    /// List the transfer attacks with their presets and defaults.
+    Attacks(commands::attack::AttacksArgs),
     /// Fetch the pinned external artifacts (ONNX Runtime, mini-suite data) into the cache.
     Setup(commands::setup::SetupArgs),
     /// List the mini-suite tasks, or describe a data set and draw a contact sheet.
@@ -43,6 +45,7 @@ pub fn main() -> ExitCode {
         Command::Merge(a) => commands::merge::run(a),
         Command::Methods(a) => commands::merge::methods(a),
         Command::Demo(a) => commands::merge::demo(a),
+        Command::Attacks(a) => commands::attack::attacks(a),
         Command::Setup(a) => commands::setup::run(a),
         Command::Data(a) => commands::data::run(a),
     };

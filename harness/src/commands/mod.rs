@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod attack;
 pub mod merge;
 pub mod data;
 pub mod setup;
