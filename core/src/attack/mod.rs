@@ -414,10 +414,13 @@ impl AttackConfig {
     /// `key=value` for every key the attack uses, fractions of 255 written as such.
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = Vec::new();
+        let linf = self.attack.norm() == Norm::Linf;
         for key in self.attack.params().iter().chain(&["quantize"]) {
             let v = match *key {
-                "eps" => fraction(self.eps),
-                "alpha" => fraction(self.alpha),
+                "eps" if linf => fraction(self.eps),
+                "alpha" if linf => fraction(self.alpha),
+                "eps" => format!("{}", self.eps),
+                "alpha" => format!("{}", self.alpha),
                 "steps" => format!("{}", self.steps),
                 "mu" => format!("{}", self.mu),
                 "random-start" => format!("{}", self.random_start),

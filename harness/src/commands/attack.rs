@@ -68,7 +68,11 @@ mod tests {
             assert!(text.lines().any(|l| l.starts_with(a.name())), "{} missing", a.name());
         }
         assert!(text.contains("torchattacks (default): eps=8/255 alpha=2/255 steps=10 mu=1 quantize=floor"));
-        assert!(text.contains("transferattack: eps=16/255 alpha=1.6/255 steps=10 mu=1 neighbours=20 beta=1.5 quantize=floor"));
+        assert!(
+            text.contains(
+                "transferattack: eps=16/255 alpha=1.6/255 steps=10 mu=1 neighbours=20 beta=1.5 quantize=floor"
+            )
+        );
         assert!(text.contains("  beta "));
         let one = listing(Some(Preset::TransferAttack), false);
         assert!(!one.contains("torchattacks (default)"));
