@@ -693,11 +693,12 @@ pub(crate) fn sign(v: f32) -> f32 {
     }
 }
 
-/// n(g) = g / mean over C,H,W of |g|, per sample; a sample with a zero gradient stays zero.
+/// n(g) = g / mean over C,H,W of |g| (accumulated in f64), per sample; a sample with a zero gradient
+/// stays zero.
 pub(crate) fn normalise_l1(g: &mut Array4<f32>) {
     for mut s in g.axis_iter_mut(NdAxis(0)) {
-        let count = s.len() as f32;
-        let mean = s.iter().map(|v| libm::fabsf(*v)).sum::<f32>() / count;
+        let count = s.len() as f64;
+        let mean = (s.iter().map(|v| f64::from(libm::fabsf(*v))).sum::<f64>() / count) as f32;
         if mean > 0.0 && mean.is_finite() {
             s.mapv_inplace(|v| v / mean);
         }
@@ -754,14 +755,20 @@ pub(crate) fn momentum_iterative(
     let mut adv = x.to_owned();
     let mut m = Array4::<f32>::zeros(x.dim());
     for _ in 0..cfg.steps {
-        let point = if nesterov { look_ahead(&adv, &m, alpha * mu) } else { adv.clone() };
+        let ahead;
+        let point = if nesterov {
+            ahead = look_ahead(&adv, &m, alpha * mu);
+            ahead.view()
+        } else {
+            adv.view()
+        };
         let mut g = match &di {
             Some(d) => {
                 let draw = d.draw(w, rng)?;
-                let gt = goal.grad(model, draw.apply(point.view()).view())?;
+                let gt = goal.grad(model, draw.apply(point).view())?;
                 draw.adjoint(gt.view())
             }
-            None => goal.grad(model, point.view())?,
+            None => goal.grad(model, point)?,
         };
         if let Some(k) = kernel {
             g = k.apply(g.view());

@@ -49,11 +49,16 @@ fn variance_tuned(
         let mut gv = g.clone();
         Zip::from(&mut gv).and(&v).for_each(|a, &b| *a += b);
         momentum_update(&mut m, gv, mu);
-        let centre =
-            if nesterov && cfg.around == Around::LookAhead { look_ahead(&adv, &m, alpha * mu) } else { adv.clone() };
+        let ahead;
+        let centre = if nesterov && cfg.around == Around::LookAhead {
+            ahead = look_ahead(&adv, &m, alpha * mu);
+            ahead.view()
+        } else {
+            adv.view()
+        };
         let mut acc = Array4::<f32>::zeros(x.dim());
         for _ in 0..n {
-            let nb = neighbour(centre.view(), radius, rng);
+            let nb = neighbour(centre, radius, rng);
             let gi = goal.grad(model, nb.view())?;
             acc += &gi;
         }
