@@ -60,6 +60,18 @@ impl<'s> Flat<'s> {
         self.base.iter().map(|b| b.len()).sum()
     }
 
+    /// Start of each tensor in the global entry index (tensors concatenated in `names` order).
+    pub fn offsets(&self) -> Vec<usize> {
+        self.base
+            .iter()
+            .scan(0usize, |off, b| {
+                let o = *off;
+                *off += b.len();
+                Some(o)
+            })
+            .collect()
+    }
+
     /// tau_t of tensor `k`, entries `[off, off + out.len())`.
     #[inline]
     pub fn tau(&self, t: usize, k: usize, off: usize, out: &mut [f32]) {
@@ -75,6 +87,32 @@ impl<'s> Flat<'s> {
         let mut out = ParamSet::new();
         for ((name, shape), v) in self.names.iter().zip(&self.shapes).zip(values) {
             out.insert_owned(name.clone(), array(shape, v));
+        }
+        out
+    }
+}
+
+/// The base tensors only, kept by per-task outputs to add their deltas to.
+pub(crate) struct Base<'s> {
+    names: &'s [String],
+    shapes: Vec<Vec<usize>>,
+    base: Vec<Cow<'s, [f32]>>,
+}
+
+impl<'s> Base<'s> {
+    /// Keep the base of `flat`, dropping the views of the fine-tuned models.
+    pub fn of(flat: Flat<'s>) -> Self {
+        Base { names: flat.names, shapes: flat.shapes, base: flat.base }
+    }
+
+    /// theta0 + delta(k, g, i) for entry i of tensor k, whose global index is g.
+    pub fn materialise(&self, delta: impl Fn(usize, usize, usize) -> f32) -> ParamSet<'static> {
+        let mut out = ParamSet::new();
+        let mut g = 0;
+        for (k, b) in self.base.iter().enumerate() {
+            let v: Vec<f32> = b.iter().enumerate().map(|(i, &x)| x + delta(k, g + i, i)).collect();
+            g += b.len();
+            out.insert_owned(self.names[k].clone(), array(&self.shapes[k], v));
         }
         out
     }
@@ -294,11 +332,7 @@ fn global_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Opti
             }
         }
     }
-    members
-        .iter_mut()
-        .zip(&target)
-        .map(|(m, &(_, r, _))| Some(f32::from_bits(*m.select_nth_unstable(r).1)))
-        .collect()
+    members.iter_mut().zip(&target).map(|(m, &(_, r, _))| Some(f32::from_bits(*m.select_nth_unstable(r).1))).collect()
 }
 
 /// Per tensor, per task: keep exactly floor(k n) entries by magnitude (mergekit's `magnitude`).

@@ -13,11 +13,25 @@ use core::fmt;
 
 use crate::tensor::{ParamSet, TensorError};
 
+mod breadcrumbs;
 mod common;
+mod consensus;
+mod dare;
+mod emr;
+mod model_stock;
+mod slerp;
+mod tall_masks;
 mod task_arithmetic;
 mod ties;
 mod weight_average;
 
+pub use breadcrumbs::Breadcrumbs;
+pub use consensus::Consensus;
+pub use dare::Dare;
+pub use emr::Emr;
+pub use model_stock::ModelStock;
+pub use slerp::Slerp;
+pub use tall_masks::TallMasks;
 pub use task_arithmetic::TaskArithmetic;
 pub use ties::Ties;
 pub use weight_average::WeightAverage;
@@ -273,7 +287,8 @@ pub trait MergeMethod: Sync {
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError>;
 }
 
-static REGISTRY: &[&dyn MergeMethod] = &[&WeightAverage, &TaskArithmetic, &Ties];
+static REGISTRY: &[&dyn MergeMethod] =
+    &[&WeightAverage, &TaskArithmetic, &Ties, &Dare, &Breadcrumbs, &Consensus, &TallMasks, &Emr, &ModelStock, &Slerp];
 
 /// Every data-free merge method, in listing order.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {

@@ -7,7 +7,11 @@ use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params,
 pub struct Ties;
 
 const PARAMS: &[ParamSpec] = &[
-    ParamSpec { name: "k", default: "0.2", help: "fraction of each task vector's entries kept by magnitude, in (0, 1]" },
+    ParamSpec {
+        name: "k",
+        default: "0.2",
+        help: "fraction of each task vector's entries kept by magnitude, in (0, 1]",
+    },
     ParamSpec { name: "lambda", default: "0.3", help: "scale of the merged task vector (finite)" },
     ParamSpec { name: "aggregate", default: "dis-sum", help: "dis-sum or dis-mean (mean over the agreeing entries)" },
     ParamSpec {
