@@ -135,6 +135,21 @@ mod tests {
     }
 
     #[test]
+    fn matches_scipy_reference_values() {
+        // numpy.linspace(-3, 3, 15); scipy.stats.norm.pdf; outer product / sum (scipy 1.17.1).
+        let k2 = GaussianKernel::new(15, 3.0).unwrap().kernel2d();
+        for (a, b, want) in [
+            (7, 7, 0.029302825115264705),
+            (0, 0, 3.616255906661051e-06),
+            (3, 9, 0.00466902017864328),
+            (14, 6, 0.000296961487038061),
+        ] {
+            let got = k2[a * 15 + b];
+            assert!((got - want).abs() <= 1e-6 * want, "K[{a}][{b}] = {got}, scipy {want}");
+        }
+    }
+
+    #[test]
     fn bad_settings_are_refused() {
         assert!(GaussianKernel::new(14, 3.0).is_err());
         assert!(GaussianKernel::new(0, 3.0).is_err());

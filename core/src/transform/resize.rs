@@ -182,6 +182,46 @@ mod tests {
     }
 
     #[test]
+    fn matches_scipy_zoom_fixture() {
+        // scipy.ndimage.zoom(x, (h/5, w/7), order=1, grid_mode=True, mode="nearest") (scipy 1.17.1) is
+        // PyTorch's bilinear with align_corners=False; x[r][c] = ((7r + c)^1.5) mod 11.
+        let x = Array4::from_shape_fn((1, 1, 5, 7), |(_, _, r, c)| (libm::pow((7 * r + c) as f64, 1.5) % 11.0) as f32);
+        let small = [
+            1.8951477867153854,
+            3.942210883064322,
+            6.516466262685952,
+            3.2549964559209528,
+            6.400033456688707,
+            8.386599454437528,
+            9.583190276566274,
+            3.0838544102220435,
+            4.932387448178508,
+            7.055854788504144,
+            5.04365008006835,
+            2.547964474481852,
+        ];
+        let y = resize(x.view(), 3, 4);
+        for (g, w) in y.iter().zip(small) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        let last_row = [
+            5.162073419617087,
+            3.167210744472783,
+            5.790662893411388,
+            9.713195695145574,
+            7.60069524773067,
+            5.59297137575051,
+            3.6589089570888347,
+            1.7978330320833804,
+            0.2523644247402217,
+        ];
+        let y = resize(x.view(), 8, 9);
+        for (g, w) in y.iter().skip(63).zip(last_row) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    #[test]
     fn identity_size_is_identity() {
         let mut rng = stream(2, &[b"resize"]);
         let x = random((1, 2, 6, 6), &mut rng);
