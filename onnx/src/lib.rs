@@ -3,5 +3,6 @@
 pub mod clip;
 pub mod graph;
 pub mod library;
+pub mod runtime;
 pub mod proto;
 pub mod weights;

@@ -1,4 +1,6 @@
 //! CLIP ViT: configuration, graph builders, weights.
 pub mod config;
+pub mod text;
+pub mod tokenizer;
 
 pub use config::{ClipTextConfig, ClipVisionConfig, ConfigError};
