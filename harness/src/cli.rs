@@ -35,6 +35,8 @@ pub enum Command {
     Setup(commands::setup::SetupArgs),
     /// List the mini-suite tasks, or describe a data set and draw a contact sheet.
     Data(commands::data::DataArgs),
+    /// Tables, findings and plots (Markdown, CSV, JSON, SVG) from one or more results stores.
+    Report(commands::report::ReportArgs),
 }
 
 /// Parse arguments, run, and map errors to exit code 2 with one sentence.
@@ -48,6 +50,7 @@ pub fn main() -> ExitCode {
         Command::Attacks(a) => commands::attack::attacks(a),
         Command::Setup(a) => commands::setup::run(a),
         Command::Data(a) => commands::data::run(a),
+        Command::Report(a) => commands::report::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,3 +3,5 @@ pub mod cli;
 pub mod commands;
 pub mod data;
 pub mod setup;
+pub mod study;
+pub mod report;

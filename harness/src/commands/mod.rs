@@ -3,3 +3,4 @@ pub mod attack;
 pub mod merge;
 pub mod data;
 pub mod setup;
+pub mod report;

@@ -1,0 +1,9 @@
+//! The study: its configuration, the setting keys and records, and the results store. The runner
+//! (crafting, merging, evaluating) builds on these.
+pub mod config;
+pub mod setting;
+pub mod store;
+
+pub use config::{Setting, Shard, StudyConfig};
+pub use setting::{Estimate, Metrics, Phases, SettingKey, SettingRecord};
+pub use store::{RunInfo, Store, StoreError, StoredSetting, read_stores};
