@@ -2,5 +2,6 @@
 pub mod config;
 pub mod text;
 pub mod tokenizer;
+pub mod vision;
 
 pub use config::{ClipTextConfig, ClipVisionConfig, ConfigError};

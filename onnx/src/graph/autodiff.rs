@@ -169,13 +169,13 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
             single(g.neg(m))
         }
         Op::Sigmoid => {
-            let one = g.scalar(1.0);
+            let one = g.scalar_as(g.elem(y), 1.0);
             let om = g.sub(one, y);
             let d = g.mul(y, om);
             single(g.mul(dy, d))
         }
         Op::Tanh => {
-            let one = g.scalar(1.0);
+            let one = g.scalar_as(g.elem(y), 1.0);
             let y2 = g.square(y);
             let d = g.sub(one, y2);
             single(g.mul(dy, d))
@@ -192,7 +192,7 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
             // Phi(x) + x phi(x), Phi = (1 + erf(x/sqrt2))/2, phi = exp(-x^2/2)/sqrt(2 pi)
             let xs = g.scale(x, std::f64::consts::FRAC_1_SQRT_2);
             let er = g.erf(xs);
-            let one = g.scalar(1.0);
+            let one = g.scalar_as(g.elem(y), 1.0);
             let p1 = g.add(er, one);
             let cdf = g.scale(p1, 0.5);
             let x2 = g.square(x);
@@ -336,7 +336,7 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
         }
         Op::Where => {
             let c = node.inputs[0];
-            let z = g.scalar(0.0);
+            let z = g.scalar_as(g.elem(y), 0.0);
             let da = need[1].then(|| {
                 let w = g.where_(c, dy, z);
                 unbroadcast(g, w, node.inputs[1])
@@ -388,7 +388,7 @@ fn layer_norm_rule(g: &mut Graph, node: &Node, dy: Value, eps: f64, need: &[bool
     let xc = g.sub(x, mu);
     let sq = g.square(xc);
     let var = g.reduce_mean(sq, &[-1], true);
-    let e = g.scalar(eps);
+    let e = g.scalar_as(g.elem(x), eps);
     let ve = g.add(var, e);
     let sd = g.sqrt(ve);
     let inv = g.reciprocal(sd);

@@ -24,6 +24,11 @@
 mod autodiff;
 #[cfg(test)]
 mod tests;
+/// Test helpers shared with the CLIP graph tests (f64 feeds, sessions, deterministic data).
+#[cfg(test)]
+pub(crate) mod test_util {
+    pub(crate) use super::tests::{Feed, TestRng, run, session};
+}
 
 use std::collections::HashMap;
 
@@ -483,6 +488,11 @@ impl Graph {
         self.constant(&[], TensorData::float(self.float, &[x]))
     }
 
+    /// A float scalar of a given float type (for values of another type than the graph's).
+    pub fn scalar_as(&mut self, elem: ElemType, x: f64) -> Value {
+        self.constant(&[], TensorData::float(elem, &[x]))
+    }
+
     /// A float constant of the graph's float type.
     pub fn const_float(&mut self, shape: &[usize], values: &[f64]) -> Value {
         self.constant(shape, TensorData::float(self.float, values))
@@ -530,7 +540,7 @@ impl Graph {
     }
     /// `a * c` for a float constant `c`.
     pub fn scale(&mut self, a: Value, c: f64) -> Value {
-        let s = self.scalar(c);
+        let s = self.scalar_as(self.elem(a), c);
         self.mul(a, s)
     }
     pub fn neg(&mut self, x: Value) -> Value {
