@@ -7,9 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
+use mergeattack_core::classifier::Classifier;
 use mergeattack_onnx::clip::text::TextModel;
 use mergeattack_onnx::clip::tokenizer::ClipTokenizer;
-use mergeattack_onnx::runtime::RuntimeOptions;
+use mergeattack_onnx::runtime::{Model, RuntimeOptions};
 use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 
@@ -84,6 +85,49 @@ fn text_checks(dir: &Path, tol: f64) {
     check("zeroshot_head", &head, &r.f32s["zeroshot_head"], tol);
 }
 
+fn vision_checks(dir: &Path, tol: f64, batch_size: usize) {
+    let r = reference(dir);
+    let opts = RuntimeOptions { batch_size, ..Default::default() };
+    let heads = dir.join("heads.safetensors");
+    let mut m = Model::load(&dir.join("model.safetensors"), None, None, &heads, Some("random"), opts).unwrap();
+    let x = r.f32s["pixels"].view().into_dimensionality().unwrap();
+    let labels: Vec<usize> = r.i64s["labels"].iter().map(|&l| l as usize).collect();
+    let (logits, feats) = m.forward(x).unwrap();
+    check("logits", &logits.into_dyn(), &r.f32s["logits"], tol);
+    check("features", &feats.into_dyn(), &r.f32s["features"], tol);
+    let lg = m.loss_grad(x, &labels).unwrap();
+    check("loss_grad.logits", &lg.logits.into_dyn(), &r.f32s["logits"], tol);
+    check("loss", &lg.loss.into_dyn(), &r.f32s["loss"], tol);
+    check("dx", &lg.grad.into_dyn(), &r.f32s["dx"], tol);
+    let dl = r.f32s["dlogits"].view().into_dimensionality().unwrap();
+    let (_, vjp) = m.logits_vjp(x, dl).unwrap();
+    check("vjp_dx", &vjp.into_dyn(), &r.f32s["vjp_dx"], tol);
+    let strs = |k: &str| -> Vec<String> {
+        r.meta[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    };
+    let gnames = strs("grads");
+    let sel: Vec<&str> = gnames.iter().map(String::as_str).collect();
+    let (total, grads) = m.weight_grads(x, &labels, Some(&sel)).unwrap();
+    let want_total: f64 = r.f32s["loss"].iter().map(|&v| f64::from(v)).sum();
+    assert!((total - want_total).abs() <= tol * want_total.abs().max(1.0), "summed loss {total} vs {want_total}");
+    assert_eq!(grads.len(), sel.len());
+    for (name, g) in &grads {
+        check(name, g, &r.f32s[name.as_str()], tol);
+    }
+    let grams = m.grams(x).unwrap();
+    for name in strs("grams") {
+        let key = format!("gram.{name}");
+        let got = &grams.iter().find(|(n, _)| *n == key).unwrap_or_else(|| panic!("no {key}")).1;
+        check(&key, got, &r.f32s[&key], tol);
+    }
+}
+
+#[test]
+fn tiny_vision_tower_matches_transformers() {
+    // Batch size 3 for 4 images: the split into runs is exercised too.
+    vision_checks(&fixture(), 1e-4, 3);
+}
+
 #[test]
 fn tiny_text_tower_and_zeroshot_heads_match_transformers() {
     text_checks(&fixture(), 1e-4);
@@ -94,5 +138,6 @@ fn tiny_text_tower_and_zeroshot_heads_match_transformers() {
 #[ignore = "needs CLIP_REFERENCE_DIR from scripts/clip_reference/make_fixture.py --full"]
 fn full_size_reference_from_env() {
     let dir = PathBuf::from(std::env::var("CLIP_REFERENCE_DIR").expect("set CLIP_REFERENCE_DIR"));
+    vision_checks(&dir, 1e-4, 32);
     text_checks(&dir, 1e-4);
 }

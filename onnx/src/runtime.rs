@@ -8,17 +8,19 @@
 //! shares (ENGINE.md: external initializers keep the graph bytes small and outputs bitwise
 //! deterministic for any thread count).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use mergeattack_core::classifier::ModelError;
+use mergeattack_core::classifier::{Classifier, LossGrad, ModelError};
 use mergeattack_core::tensor::ParamSet;
-use ndarray::Array2;
+use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView2, ArrayView4, IxDyn, s};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor, TensorRef};
 
 use crate::clip::config::{ClipVisionConfig, ConfigError};
-use crate::graph::Graph;
+use crate::clip::vision::{self, DwObjective, VisionOutputs};
+use crate::graph::{ElemType, Graph};
 use crate::library::{self, LibraryError};
 use crate::weights::{Checkpoint, Convention, WeightsError};
 
@@ -160,7 +162,8 @@ impl BoundWeights {
                 )));
             }
             let data: Vec<f32> = t.as_standard_layout().iter().copied().collect();
-            let value = Tensor::from_array((shape.clone(), data)).map_err(RuntimeError::ort("create a weight tensor"))?;
+            let value =
+                Tensor::from_array((shape.clone(), data)).map_err(RuntimeError::ort("create a weight tensor"))?;
             values.push((name.clone(), Arc::new(value.into_dyn())));
         }
         Ok(BoundWeights { values })
@@ -229,7 +232,13 @@ fn register_device(
 }
 
 /// A session for the graph `bytes` with `weights` as external initializers.
-pub fn create_session(bytes: &[u8], weights: &BoundWeights, opts: &RuntimeOptions) -> Result<Session, RuntimeError> {
+/// `required` names the external initializers the graph declares (all of `weights` when `None`).
+pub fn create_session(
+    bytes: &[u8],
+    weights: &BoundWeights,
+    required: Option<&[(String, Vec<usize>)]>,
+    opts: &RuntimeOptions,
+) -> Result<Session, RuntimeError> {
     let env = library::environment()?;
     if opts.threads == 0 {
         return Err(RuntimeError::Options("--threads must be at least 1".into()));
@@ -240,7 +249,20 @@ pub fn create_session(bytes: &[u8], weights: &BoundWeights, opts: &RuntimeOption
     b = b.with_inter_threads(1).map_err(|e| RuntimeError::ort("set the thread count")(e.into()))?;
     b = b.with_deterministic_compute(true).map_err(|e| RuntimeError::ort("ask for deterministic compute")(e.into()))?;
     b = b.with_intra_op_spinning(false).map_err(|e| RuntimeError::ort("turn off spinning")(e.into()))?;
-    for (name, value) in &weights.values {
+    let chosen: Vec<&(String, Arc<DynValue>)> = match required {
+        None => weights.values.iter().collect(),
+        Some(req) => req
+            .iter()
+            .map(|(n, _)| {
+                weights.values.iter().find(|(w, _)| w == n).ok_or_else(|| RuntimeError::MissingTensor {
+                    name: n.clone(),
+                    source_name: "the bound weights".into(),
+                    hint: String::new(),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    for (name, value) in chosen {
         b = b
             .with_external_initializer(name, Arc::clone(value))
             .map_err(|e| RuntimeError::ort(format!("bind weight `{name}`"))(e.into()))?;
@@ -350,9 +372,484 @@ pub fn load_head(path: &Path, task: Option<&str>) -> Result<(String, Array2<f32>
         });
     }
     if let Some(i) = t.iter().position(|v| !v.is_finite()) {
-        return Err(RuntimeError::Heads { path: shown, detail: format!("head `{name}` holds a NaN or infinity at {i}") });
+        return Err(RuntimeError::Heads {
+            path: shown,
+            detail: format!("head `{name}` holds a NaN or infinity at {i}"),
+        });
     }
     let a = t.view().into_dimensionality::<ndarray::Ix2>().expect("2-D").to_owned();
     Ok((name, a))
 }
 
+/// CLIP's trained `logit_scale` (ln 100), used when a checkpoint has none (vision-only files).
+pub const DEFAULT_LOGIT_SCALE: f32 = 4.605_170_2;
+
+pub use vision::{HEAD, LOGIT_SCALE};
+
+/// What a session of a [`Model`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Purpose {
+    /// logits, features
+    Forward,
+    /// logits, loss, dx
+    LossGrad,
+    /// logits, dx from dlogits
+    Vjp,
+    /// logits, loss, grad.* of the summed loss
+    WeightGrad,
+    /// logits, grad.* of sum(dlogits * logits)
+    WeightVjp,
+    /// logits, gram.*
+    Grams,
+}
+
+impl Purpose {
+    fn outputs(self) -> VisionOutputs {
+        let mut o = VisionOutputs { logits: true, ..Default::default() };
+        match self {
+            Purpose::Forward => o.features = true,
+            Purpose::LossGrad => {
+                o.loss = true;
+                o.dx = true;
+            }
+            Purpose::Vjp => o.dx_dlogits = true,
+            Purpose::WeightGrad => {
+                o.loss = true;
+                o.dw = Some(DwObjective::LossSum);
+            }
+            Purpose::WeightVjp => o.dw = Some(DwObjective::Dlogits),
+            Purpose::Grams => {
+                o.logits = false;
+                o.grams = true;
+            }
+        }
+        o
+    }
+}
+
+type GraphKey = (String, usize, Purpose);
+
+/// A serialised graph with the external initializers it needs and its output names.
+struct CachedGraph {
+    bytes: Vec<u8>,
+    required: Vec<(String, Vec<usize>)>,
+    outputs: Vec<String>,
+}
+
+/// The graph for an architecture, class count and purpose, built once per process.
+fn cached_graph(cfg: &ClipVisionConfig, classes: usize, purpose: Purpose) -> Result<Arc<CachedGraph>, RuntimeError> {
+    static CACHE: OnceLock<Mutex<HashMap<GraphKey, Arc<CachedGraph>>>> = OnceLock::new();
+    let key = (serde_json::to_string(cfg).expect("config serialises"), classes, purpose);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(g) = cache.lock().expect("graph cache").get(&key) {
+        return Ok(Arc::clone(g));
+    }
+    let g = vision::build_vision(cfg, classes, &purpose.outputs(), ElemType::F32)?;
+    let entry = Arc::new(CachedGraph { bytes: g.to_bytes(), required: external_shapes(&g), outputs: g.output_names() });
+    cache.lock().expect("graph cache").insert(key, Arc::clone(&entry));
+    Ok(entry)
+}
+
+/// Every weight a vision model of `cfg` with `classes` classes binds, with its shape.
+fn all_vision_weights(cfg: &ClipVisionConfig, classes: usize) -> Vec<(String, Vec<usize>)> {
+    let mut v = vision::vision_weight_shapes(cfg);
+    v.push((HEAD.into(), vec![classes, cfg.projection_dim]));
+    v.push((LOGIT_SCALE.into(), vec![]));
+    v
+}
+
+/// A CLIP vision classifier on ONNX Runtime.
+pub struct Model {
+    config: ClipVisionConfig,
+    classes: usize,
+    opts: RuntimeOptions,
+    weights: BoundWeights,
+    sessions: HashMap<Purpose, Session>,
+    name: String,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.name).field("classes", &self.classes).finish()
+    }
+}
+
+/// Weight gradients or Gram matrices by name (`grad.<weight>` / `gram.<weight>`).
+pub type NamedTensors = Vec<(String, ArrayD<f32>)>;
+
+impl Model {
+    /// A model from HF-named vision weights (`vision_model.*`, `visual_projection.weight`, and
+    /// optionally `logit_scale`), a head `[classes, projection_dim]` and options. `name` appears in
+    /// error messages (e.g. the file the weights came from).
+    pub fn from_params(
+        config: ClipVisionConfig,
+        params: &ParamSet<'_>,
+        head: ArrayView2<'_, f32>,
+        opts: RuntimeOptions,
+        name: &str,
+    ) -> Result<Model, RuntimeError> {
+        config.validate()?;
+        if opts.batch_size == 0 {
+            return Err(RuntimeError::Options("--batch-size must be at least 1".into()));
+        }
+        let classes = head.nrows();
+        if classes == 0 || head.ncols() != config.projection_dim {
+            return Err(RuntimeError::Input(format!(
+                "the head has shape {:?} but the model needs [classes, {}] (projection_dim)",
+                head.shape(),
+                config.projection_dim
+            )));
+        }
+        let mut all = ParamSet::new();
+        for (n, t) in params.iter() {
+            if n.starts_with("vision_model.") || n == "visual_projection.weight" || n == LOGIT_SCALE {
+                all.insert_view(n, t.view());
+            }
+        }
+        if !all.contains(LOGIT_SCALE) {
+            tracing::info!("{name} has no logit_scale; using CLIP's ln 100");
+            all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), DEFAULT_LOGIT_SCALE));
+        } else if all.get(LOGIT_SCALE).is_some_and(|t| t.len() == 1 && t.ndim() != 0) {
+            // Some files store the scalar as [1].
+            let v = all.get(LOGIT_SCALE).expect("present").iter().copied().next().expect("one value");
+            all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), v));
+        }
+        all.insert_owned(HEAD, head.to_owned().into_dyn());
+        let hint = |n: &str| {
+            if n == "visual_projection.weight" {
+                " (vision-only checkpoints lack it: take it from the pretrained CLIPModel)".to_string()
+            } else {
+                String::new()
+            }
+        };
+        let weights = BoundWeights::bind(&all_vision_weights(&config, classes), &all, name, hint)?;
+        Ok(Model { config, classes, opts, weights, sessions: HashMap::new(), name: name.into() })
+    }
+
+    /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
+    /// weights), tensors missing from the weights file taken from `fallback` (e.g. the pretrained
+    /// `CLIPModel` for a fine-tuned vision-only file), and one task's head.
+    pub fn load(
+        weights: &Path,
+        config: Option<&Path>,
+        fallback: Option<&Path>,
+        heads: &Path,
+        task: Option<&str>,
+        opts: RuntimeOptions,
+    ) -> Result<Model, RuntimeError> {
+        let cfg = vision_config_for(weights, config)?;
+        let (mut params, file) = load_hf_params(weights)?;
+        if let Some(fb) = fallback {
+            let (base, _) = load_hf_params(fb)?;
+            for (n, t) in base.iter() {
+                if !params.contains(n) {
+                    params.insert(n, t.clone());
+                }
+            }
+        }
+        let (_, head) = load_head(heads, task)?;
+        Model::from_params(cfg, &params, head.view(), opts, &file.display().to_string())
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.config
+    }
+
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.opts
+    }
+
+    /// The graph bytes and weights of this model (for export and tests).
+    pub fn bound_weights(&self) -> &BoundWeights {
+        &self.weights
+    }
+
+    /// Create the session for `purpose` now (it is otherwise made on first use).
+    fn session(&mut self, purpose: Purpose) -> Result<&mut Session, RuntimeError> {
+        if !self.sessions.contains_key(&purpose) {
+            let graph = cached_graph(&self.config, self.classes, purpose)?;
+            let t = std::time::Instant::now();
+            let s = create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?;
+            tracing::debug!("{:?} session for {} in {:.2?}", purpose, self.name, t.elapsed());
+            self.sessions.insert(purpose, s);
+        }
+        Ok(self.sessions.get_mut(&purpose).expect("inserted"))
+    }
+
+    /// Create the forward session now (session creation is otherwise lazy); returns its duration.
+    pub fn warm_up(&mut self) -> Result<std::time::Duration, RuntimeError> {
+        let t = std::time::Instant::now();
+        self.session(Purpose::Forward)?;
+        Ok(t.elapsed())
+    }
+
+    fn check_images(&self, x: &ArrayView4<'_, f32>) -> Result<(), RuntimeError> {
+        let c = &self.config;
+        let want = (c.num_channels, c.image_size, c.image_size);
+        let (n, ch, h, w) = x.dim();
+        if n == 0 {
+            return Err(RuntimeError::Input("the image batch is empty".into()));
+        }
+        if (ch, h, w) != want {
+            return Err(RuntimeError::Input(format!(
+                "images have shape [{n}, {ch}, {h}, {w}] but the model takes [N, {}, {}, {}] ({} channels, {}x{} pixels)",
+                want.0, want.1, want.2, want.0, want.1, want.2
+            )));
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(RuntimeError::Input(format!(
+                "image {} holds a NaN or infinite pixel (flat index {i} of the batch)",
+                i / (ch * h * w)
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_labels(&self, labels: &[usize], n: usize) -> Result<Vec<i64>, RuntimeError> {
+        if labels.len() != n {
+            return Err(RuntimeError::Input(format!("{} labels for {n} images", labels.len())));
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, l)| **l >= self.classes) {
+            return Err(RuntimeError::Input(format!(
+                "label {l} of image {i} is out of range for a head with {} classes",
+                self.classes
+            )));
+        }
+        Ok(labels.iter().map(|&l| l as i64).collect())
+    }
+
+    fn check_dlogits(&self, d: &ArrayView2<'_, f32>, n: usize) -> Result<(), RuntimeError> {
+        if d.dim() != (n, self.classes) {
+            return Err(RuntimeError::Input(format!(
+                "dlogits have shape {:?} but the batch needs [{n}, {}]",
+                d.shape(),
+                self.classes
+            )));
+        }
+        if d.iter().any(|v| !v.is_finite()) {
+            return Err(RuntimeError::Input("dlogits hold a NaN or infinite value".into()));
+        }
+        Ok(())
+    }
+
+    /// Run `purpose` on one chunk; returns the requested outputs by name.
+    fn run_chunk(
+        &mut self,
+        purpose: Purpose,
+        x: ArrayView4<'_, f32>,
+        labels: Option<&[i64]>,
+        dlogits: Option<ArrayView2<'_, f32>>,
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>, RuntimeError> {
+        let x = x.as_standard_layout();
+        let n = x.dim().0;
+        let mut inputs: Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
+        let xv = TensorRef::from_array_view(x.view()).map_err(RuntimeError::ort("wrap the images"))?;
+        inputs.push(("pixels".into(), xv.into()));
+        if let Some(l) = labels {
+            let lv = TensorRef::from_array_view(([n], l)).map_err(RuntimeError::ort("wrap the labels"))?;
+            inputs.push(("labels".into(), lv.into()));
+        }
+        let d_std = dlogits.map(|d| d.as_standard_layout().into_owned());
+        if let Some(d_std) = &d_std {
+            let dv = TensorRef::from_array_view(d_std.view()).map_err(RuntimeError::ort("wrap dlogits"))?;
+            inputs.push(("dlogits".into(), dv.into()));
+        }
+        let session = self.session(purpose)?;
+        let out = session.run(inputs).map_err(RuntimeError::ort("run the model"))?;
+        let mut res = Vec::with_capacity(outputs.len());
+        for name in outputs {
+            let v = out.get(*name).ok_or_else(|| RuntimeError::Ort {
+                context: "run the model".into(),
+                detail: format!("no output `{name}`"),
+            })?;
+            let a = v.try_extract_array::<f32>().map_err(RuntimeError::ort(format!("read output `{name}`")))?;
+            res.push(a.to_owned());
+        }
+        Ok(res)
+    }
+
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + use<> {
+        let b = self.opts.batch_size;
+        (0..n.div_ceil(b)).map(move |i| (i * b, ((i + 1) * b).min(n)))
+    }
+
+    /// Logits and features `[N, projection_dim]` in one forward pass.
+    pub fn forward(&mut self, x: ArrayView4<'_, f32>) -> Result<(Array2<f32>, Array2<f32>), RuntimeError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        let mut logits = Array2::zeros((n, self.classes));
+        let mut feats = Array2::zeros((n, self.config.projection_dim));
+        for (a, b) in self.chunks(n) {
+            let r =
+                self.run_chunk(Purpose::Forward, x.slice(s![a..b, .., .., ..]), None, None, &["logits", "features"])?;
+            logits.slice_mut(s![a..b, ..]).assign(&to2(&r[0])?);
+            feats.slice_mut(s![a..b, ..]).assign(&to2(&r[1])?);
+        }
+        Ok((logits, feats))
+    }
+
+    /// Weight gradients of the summed per-sample cross-entropy over the whole batch (chunks are
+    /// summed in order), named `grad.<weight name>`; also returns the summed loss. `weights`
+    /// selects which gradients to return (`None`: all).
+    pub fn weight_grads(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        labels: &[usize],
+        weights: Option<&[&str]>,
+    ) -> Result<(f64, NamedTensors), RuntimeError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        let labels = self.check_labels(labels, n)?;
+        let names = self.grad_names(weights, "grad.")?;
+        let mut out: Vec<(String, ArrayD<f32>)> = Vec::new();
+        let mut total = 0.0f64;
+        let mut wanted: Vec<&str> = vec!["loss"];
+        wanted.extend(names.iter().map(String::as_str));
+        for (a, b) in self.chunks(n) {
+            let r =
+                self.run_chunk(Purpose::WeightGrad, x.slice(s![a..b, .., .., ..]), Some(&labels[a..b]), None, &wanted)?;
+            total += r[0].iter().map(|&v| f64::from(v)).sum::<f64>();
+            accumulate(&mut out, &names, r.into_iter().skip(1));
+        }
+        Ok((total, out))
+    }
+
+    /// Weight gradients of sum(dlogits * logits) (Fisher information, custom losses).
+    pub fn weight_vjp(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        dlogits: ArrayView2<'_, f32>,
+        weights: Option<&[&str]>,
+    ) -> Result<NamedTensors, RuntimeError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        self.check_dlogits(&dlogits, n)?;
+        let names = self.grad_names(weights, "grad.")?;
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut out: Vec<(String, ArrayD<f32>)> = Vec::new();
+        for (a, b) in self.chunks(n) {
+            let d = dlogits.slice(s![a..b, ..]);
+            let r = self.run_chunk(Purpose::WeightVjp, x.slice(s![a..b, .., .., ..]), None, Some(d), &wanted)?;
+            accumulate(&mut out, &names, r.into_iter());
+        }
+        Ok(out)
+    }
+
+    /// RegMean Gram matrices `gram.<linear weight>`: the mean of X^T X over all token rows of all
+    /// images (chunks combined with their row counts).
+    pub fn grams(&mut self, x: ArrayView4<'_, f32>) -> Result<NamedTensors, RuntimeError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        let names = self.grad_names(None, "gram.")?;
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut out: Vec<(String, ArrayD<f32>)> = Vec::new();
+        for (a, b) in self.chunks(n) {
+            let w = (b - a) as f32 / n as f32;
+            let r = self.run_chunk(Purpose::Grams, x.slice(s![a..b, .., .., ..]), None, None, &wanted)?;
+            accumulate(&mut out, &names, r.into_iter().map(|t| t * w));
+        }
+        Ok(out)
+    }
+
+    /// The output names of a purpose with a prefix (`grad.`/`gram.`), filtered by `weights`.
+    fn grad_names(&self, weights: Option<&[&str]>, prefix: &str) -> Result<Vec<String>, RuntimeError> {
+        let purpose = if prefix == "gram." { Purpose::Grams } else { Purpose::WeightGrad };
+        let g = cached_graph(&self.config, self.classes, purpose)?;
+        let all: Vec<String> = g.outputs.iter().filter(|o| o.starts_with(prefix)).cloned().collect();
+        match weights {
+            None => Ok(all),
+            Some(ws) => ws
+                .iter()
+                .map(|w| {
+                    let n = format!("{prefix}{w}");
+                    if all.contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err(RuntimeError::Input(format!("the model has no output `{n}`")))
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn accumulate(out: &mut Vec<(String, ArrayD<f32>)>, names: &[String], values: impl Iterator<Item = ArrayD<f32>>) {
+    for (i, v) in values.enumerate() {
+        if let Some((_, acc)) = out.get_mut(i) {
+            *acc += &v;
+        } else {
+            out.push((names[i].clone(), v));
+        }
+    }
+}
+
+fn to2(a: &ArrayD<f32>) -> Result<ArrayView2<'_, f32>, RuntimeError> {
+    a.view()
+        .into_dimensionality()
+        .map_err(|e| RuntimeError::Ort { context: "read an output".into(), detail: e.to_string() })
+}
+
+fn to4(a: ArrayD<f32>) -> Result<Array4<f32>, RuntimeError> {
+    a.into_dimensionality().map_err(|e| RuntimeError::Ort { context: "read an output".into(), detail: e.to_string() })
+}
+
+impl Classifier for Model {
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    fn image_shape(&self) -> (usize, usize, usize) {
+        (self.config.num_channels, self.config.image_size, self.config.image_size)
+    }
+
+    fn logits(&mut self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>, ModelError> {
+        Ok(self.forward(x)?.0)
+    }
+
+    fn loss_grad(&mut self, x: ArrayView4<'_, f32>, labels: &[usize]) -> Result<LossGrad, ModelError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        let labels = self.check_labels(labels, n)?;
+        let mut logits = Array2::zeros((n, self.classes));
+        let mut loss = Array1::zeros(n);
+        let mut grad = Array4::zeros(x.raw_dim());
+        for (a, b) in self.chunks(n) {
+            let xs = x.slice(s![a..b, .., .., ..]);
+            let r = self.run_chunk(Purpose::LossGrad, xs, Some(&labels[a..b]), None, &["logits", "loss", "dx"])?;
+            let mut r = r.into_iter();
+            let (l, lo, dx) = (r.next().expect("3"), r.next().expect("3"), r.next().expect("3"));
+            logits.slice_mut(s![a..b, ..]).assign(&to2(&l)?);
+            loss.slice_mut(s![a..b]).assign(
+                &lo.into_dimensionality::<ndarray::Ix1>()
+                    .map_err(|e| RuntimeError::Ort { context: "read the loss".into(), detail: e.to_string() })?,
+            );
+            grad.slice_mut(s![a..b, .., .., ..]).assign(&to4(dx)?);
+        }
+        Ok(LossGrad { logits, loss, grad })
+    }
+
+    fn logits_vjp(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        dlogits: ArrayView2<'_, f32>,
+    ) -> Result<(Array2<f32>, Array4<f32>), ModelError> {
+        self.check_images(&x)?;
+        let n = x.dim().0;
+        self.check_dlogits(&dlogits, n)?;
+        let mut logits = Array2::zeros((n, self.classes));
+        let mut grad = Array4::zeros(x.raw_dim());
+        for (a, b) in self.chunks(n) {
+            let xs = x.slice(s![a..b, .., .., ..]);
+            let d = dlogits.slice(s![a..b, ..]);
+            let mut r = self.run_chunk(Purpose::Vjp, xs, None, Some(d), &["logits", "dx_dlogits"])?.into_iter();
+            logits.slice_mut(s![a..b, ..]).assign(&to2(&r.next().expect("2"))?);
+            grad.slice_mut(s![a..b, .., .., ..]).assign(&to4(r.next().expect("2"))?);
+        }
+        Ok((logits, grad))
+    }
+
+    fn features(&mut self, x: ArrayView4<'_, f32>) -> Result<Option<Array2<f32>>, ModelError> {
+        Ok(Some(self.forward(x)?.1))
+    }
+}

@@ -136,7 +136,7 @@ impl TextModel {
         let weights = BoundWeights::bind(&external_shapes(&g), params, name, |_| {
             " (zero-shot heads need a CLIPModel checkpoint with the text tower)".into()
         })?;
-        let session = create_session(&g.to_bytes(), &weights, opts)?;
+        let session = create_session(&g.to_bytes(), &weights, None, opts)?;
         Ok(TextModel { config, session, batch_size: opts.batch_size.max(1) })
     }
 
@@ -191,10 +191,9 @@ impl TextModel {
                 .run(ort::inputs!["input_ids" => iv, "eot_rows" => rv])
                 .map_err(RuntimeError::ort("run the text tower"))?;
             let e = res["text_embeds"].try_extract_array::<f32>().map_err(RuntimeError::ort("read text_embeds"))?;
-            let e = e.into_dimensionality::<ndarray::Ix2>().map_err(|e| RuntimeError::Ort {
-                context: "read text_embeds".into(),
-                detail: e.to_string(),
-            })?;
+            let e = e
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| RuntimeError::Ort { context: "read text_embeds".into(), detail: e.to_string() })?;
             out.slice_mut(ndarray::s![start..end, ..]).assign(&e);
             start = end;
         }
