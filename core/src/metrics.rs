@@ -454,6 +454,25 @@ mod tests {
     }
 
     #[test]
+    fn bootstrap_of_a_ratio_of_ratios_resamples_both_models_jointly() {
+        // 200 images: S correct on all but every 10th and fooled on 3 of 4; T fooled on every other.
+        let y: Vec<usize> = (0..200).map(|i| i % 5).collect();
+        let s_clean: Vec<usize> = (0..200).map(|i| if i % 10 == 0 { 9 } else { i % 5 }).collect();
+        let s_adv: Vec<usize> = (0..200).map(|i| if i % 4 == 0 { i % 5 } else { 9 }).collect();
+        let t_adv: Vec<usize> = (0..200).map(|i| if i % 2 == 0 { 9 } else { i % 5 }).collect();
+        let s = Outcomes::new(&y, &s_clean, &s_adv).unwrap();
+        let t = Outcomes::new(&y, &y, &t_adv).unwrap();
+        let stat = |idx: &[usize]| rtasr_wb_cc(&s.select(idx).ok()?, &t.select(idx).ok()?).ok()?;
+        let a = crate::stats::bootstrap_ci_seeded(200, 3, &[b"bootstrap", b"rtasr_wb_cc"], stat).unwrap();
+        let b = crate::stats::bootstrap_ci_seeded(200, 3, &[b"bootstrap", b"rtasr_wb_cc"], stat).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.estimate, rtasr_wb_cc(&s, &t).unwrap());
+        let (lo, est, hi) = (a.lo.unwrap(), a.estimate.unwrap(), a.hi.unwrap());
+        assert!(lo < est && est < hi, "{lo} {est} {hi}");
+        assert_eq!(a.dropped, 0);
+    }
+
+    #[test]
     fn mismatched_inputs_are_errors() {
         assert!(matches!(Outcomes::new(&Y, &S_CLEAN[..7], &S_ADV), Err(MetricError::LengthMismatch { .. })));
         let other_labels = [0, 1, 2, 3, 0, 1, 2, 2];
