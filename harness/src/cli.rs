@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Merge fine-tuned checkpoints into one model (or one per task).
     Merge(commands::merge::MergeArgs),
+    /// Export a CLIP vision checkpoint + head as a forward-only ONNX model (pixels -> logits, features).
+    Export(commands::export::ExportArgs),
     /// List the merging methods with their parameters and defaults.
     Methods(commands::merge::MethodsArgs),
     /// Merge generated CLIP-shaped checkpoints end to end (the built-in demo).
@@ -45,6 +47,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Merge(a) => commands::merge::run(a),
+        Command::Export(a) => commands::export::run(a),
         Command::Methods(a) => commands::merge::methods(a),
         Command::Demo(a) => commands::merge::demo(a),
         Command::Attacks(a) => commands::attack::attacks(a),

@@ -386,6 +386,105 @@ pub const DEFAULT_LOGIT_SCALE: f32 = 4.605_170_2;
 
 pub use vision::{HEAD, LOGIT_SCALE};
 
+/// A vision checkpoint read from disk in HF names, with its config.
+#[derive(Debug)]
+pub struct VisionWeights {
+    pub config: ClipVisionConfig,
+    pub params: ParamSet<'static>,
+    /// The weights file, for messages.
+    pub source: String,
+}
+
+impl VisionWeights {
+    /// Read `weights` (file or directory, HF or open_clip names), its config (`config`, else
+    /// `config.json` beside the weights) and fill tensors it lacks from `fallback`.
+    pub fn load(weights: &Path, config: Option<&Path>, fallback: Option<&Path>) -> Result<VisionWeights, RuntimeError> {
+        let cfg = vision_config_for(weights, config)?;
+        let (mut params, file) = load_hf_params(weights)?;
+        if let Some(fb) = fallback {
+            let (base, _) = load_hf_params(fb)?;
+            for (n, t) in base.iter() {
+                if !params.contains(n) {
+                    params.insert(n, t.clone());
+                }
+            }
+        }
+        Ok(VisionWeights { config: cfg, params, source: file.display().to_string() })
+    }
+
+    /// The weights of a vision graph with `head` bound and checked: every tensor of
+    /// [`all_vision_weights`] with its shape (logit_scale defaulting to ln 100), in graph order.
+    pub fn graph_params(&self, head: ArrayView2<'_, f32>) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, RuntimeError> {
+        let all = model_params(&self.config, &self.params, head, &self.source)?;
+        let mut out = Vec::new();
+        for (name, shape) in all_vision_weights(&self.config, head.nrows()) {
+            let t = all.get(&name).ok_or_else(|| RuntimeError::MissingTensor {
+                name: name.clone(),
+                source_name: self.source.clone(),
+                hint: missing_hint(&name),
+            })?;
+            if t.shape() != shape.as_slice() {
+                return Err(RuntimeError::TensorShape {
+                    name,
+                    source_name: self.source.clone(),
+                    expected: shape,
+                    got: t.shape().to_vec(),
+                });
+            }
+            if let Some(index) = t.iter().position(|v| !v.is_finite()) {
+                return Err(RuntimeError::Input(format!(
+                    "tensor `{name}` in {} holds a NaN or infinite value at flat index {index}",
+                    self.source
+                )));
+            }
+            out.push((name, shape, t.as_standard_layout().iter().copied().collect()));
+        }
+        Ok(out)
+    }
+}
+
+fn missing_hint(n: &str) -> String {
+    if n == "visual_projection.weight" {
+        " (vision-only checkpoints lack it: take it from the pretrained CLIPModel, e.g. with --base)".to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// The vision tensors of `params` plus the head and logit_scale (ln 100 when absent; a [1]-shaped
+/// scale becomes a scalar), checked against the config's projection size.
+fn model_params<'p>(
+    config: &ClipVisionConfig,
+    params: &'p ParamSet<'_>,
+    head: ArrayView2<'_, f32>,
+    name: &str,
+) -> Result<ParamSet<'p>, RuntimeError> {
+    config.validate()?;
+    let classes = head.nrows();
+    if classes == 0 || head.ncols() != config.projection_dim {
+        return Err(RuntimeError::Input(format!(
+            "the head has shape {:?} but the model needs [classes, {}] (projection_dim)",
+            head.shape(),
+            config.projection_dim
+        )));
+    }
+    let mut all = ParamSet::new();
+    for (n, t) in params.iter() {
+        if n.starts_with("vision_model.") || n == "visual_projection.weight" || n == LOGIT_SCALE {
+            all.insert_view(n, t.view());
+        }
+    }
+    if !all.contains(LOGIT_SCALE) {
+        tracing::info!("{name} has no logit_scale; using CLIP's ln 100");
+        all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), DEFAULT_LOGIT_SCALE));
+    } else if all.get(LOGIT_SCALE).is_some_and(|t| t.len() == 1 && t.ndim() != 0) {
+        let v = all.get(LOGIT_SCALE).expect("present").iter().copied().next().expect("one value");
+        all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), v));
+    }
+    all.insert_owned(HEAD, head.to_owned().into_dyn());
+    Ok(all)
+}
+
 /// What a session of a [`Model`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Purpose {
@@ -451,7 +550,7 @@ fn cached_graph(cfg: &ClipVisionConfig, classes: usize, purpose: Purpose) -> Res
 }
 
 /// Every weight a vision model of `cfg` with `classes` classes binds, with its shape.
-fn all_vision_weights(cfg: &ClipVisionConfig, classes: usize) -> Vec<(String, Vec<usize>)> {
+pub fn all_vision_weights(cfg: &ClipVisionConfig, classes: usize) -> Vec<(String, Vec<usize>)> {
     let mut v = vision::vision_weight_shapes(cfg);
     v.push((HEAD.into(), vec![classes, cfg.projection_dim]));
     v.push((LOGIT_SCALE.into(), vec![]));
@@ -488,40 +587,12 @@ impl Model {
         opts: RuntimeOptions,
         name: &str,
     ) -> Result<Model, RuntimeError> {
-        config.validate()?;
         if opts.batch_size == 0 {
             return Err(RuntimeError::Options("--batch-size must be at least 1".into()));
         }
+        let all = model_params(&config, params, head, name)?;
         let classes = head.nrows();
-        if classes == 0 || head.ncols() != config.projection_dim {
-            return Err(RuntimeError::Input(format!(
-                "the head has shape {:?} but the model needs [classes, {}] (projection_dim)",
-                head.shape(),
-                config.projection_dim
-            )));
-        }
-        let mut all = ParamSet::new();
-        for (n, t) in params.iter() {
-            if n.starts_with("vision_model.") || n == "visual_projection.weight" || n == LOGIT_SCALE {
-                all.insert_view(n, t.view());
-            }
-        }
-        if !all.contains(LOGIT_SCALE) {
-            tracing::info!("{name} has no logit_scale; using CLIP's ln 100");
-            all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), DEFAULT_LOGIT_SCALE));
-        } else if all.get(LOGIT_SCALE).is_some_and(|t| t.len() == 1 && t.ndim() != 0) {
-            // Some files store the scalar as [1].
-            let v = all.get(LOGIT_SCALE).expect("present").iter().copied().next().expect("one value");
-            all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), v));
-        }
-        all.insert_owned(HEAD, head.to_owned().into_dyn());
-        let hint = |n: &str| {
-            if n == "visual_projection.weight" {
-                " (vision-only checkpoints lack it: take it from the pretrained CLIPModel)".to_string()
-            } else {
-                String::new()
-            }
-        };
+        let hint = missing_hint;
         let weights = BoundWeights::bind(&all_vision_weights(&config, classes), &all, name, hint)?;
         Ok(Model { config, classes, opts, weights, sessions: HashMap::new(), name: name.into() })
     }
@@ -537,18 +608,9 @@ impl Model {
         task: Option<&str>,
         opts: RuntimeOptions,
     ) -> Result<Model, RuntimeError> {
-        let cfg = vision_config_for(weights, config)?;
-        let (mut params, file) = load_hf_params(weights)?;
-        if let Some(fb) = fallback {
-            let (base, _) = load_hf_params(fb)?;
-            for (n, t) in base.iter() {
-                if !params.contains(n) {
-                    params.insert(n, t.clone());
-                }
-            }
-        }
+        let v = VisionWeights::load(weights, config, fallback)?;
         let (_, head) = load_head(heads, task)?;
-        Model::from_params(cfg, &params, head.view(), opts, &file.display().to_string())
+        Model::from_params(v.config, &v.params, head.view(), opts, &v.source)
     }
 
     pub fn config(&self) -> &ClipVisionConfig {

@@ -4,3 +4,4 @@ pub mod merge;
 pub mod data;
 pub mod setup;
 pub mod report;
+pub mod export;
