@@ -459,3 +459,52 @@ impl BitMask {
         self.words[i / 64] >> (i % 64) & 1 == 1
     }
 }
+
+/// The `exclude` parameter of the SVD methods: comma-separated name substrings.
+pub(crate) const EXCLUDE_DEFAULT: &str = "text_projection";
+
+/// The shared frame of the SVD methods (`tsv-m`, `iso-c`, `iso-cts`): every 2-D merged tensor whose
+/// name contains none of the `exclude` substrings gets `delta = matrix(name, taus)` from the task
+/// vectors as f64 matrices; every other tensor gets the mean task vector; theta0 + alpha * delta.
+pub(crate) fn svd_frame(
+    method: &'static str,
+    input: &MergeInput<'_, '_>,
+    params: &Params,
+    matrix: impl Fn(&[ndarray::Array2<f64>]) -> Result<ndarray::Array2<f64>, crate::linalg::LinalgError>,
+) -> Result<ParamSet<'static>, MergeError> {
+    super::require_models(method, input, 1, "at least 1 fine-tuned model")?;
+    let alpha = finite(params, "alpha", 1.0)?;
+    let exclude: Vec<&str> =
+        params.get("exclude").unwrap_or(EXCLUDE_DEFAULT).split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let flat = Flat::new(input);
+    let tasks = flat.tasks();
+    let mut values = Vec::with_capacity(flat.names.len());
+    for k in 0..flat.names.len() {
+        let n = flat.len(k);
+        let shape = &flat.shapes[k];
+        let name = &flat.names[k];
+        let base = &flat.base[k];
+        let mut tau = vec![0.0f32; n];
+        if shape.len() == 2 && !exclude.iter().any(|p| name.contains(p)) && n > 0 {
+            let taus: Vec<ndarray::Array2<f64>> = (0..tasks)
+                .map(|t| {
+                    flat.tau(t, k, 0, &mut tau);
+                    ndarray::Array2::from_shape_fn((shape[0], shape[1]), |(i, j)| f64::from(tau[i * shape[1] + j]))
+                })
+                .collect();
+            let delta =
+                matrix(&taus).map_err(|e| MergeError::Numerical { method, detail: format!("tensor `{name}`: {e}") })?;
+            let out: Vec<f32> = base.iter().zip(delta.iter()).map(|(&b, &d)| b + alpha * d as f32).collect();
+            values.push(out);
+        } else {
+            let mut acc = vec![0.0f32; n];
+            for t in 0..tasks {
+                flat.tau(t, k, 0, &mut tau);
+                acc.iter_mut().zip(&tau).for_each(|(a, &x)| *a += x);
+            }
+            let inv = 1.0 / tasks as f32;
+            values.push(base.iter().zip(&acc).map(|(&b, &a)| b + alpha * (a * inv)).collect());
+        }
+    }
+    Ok(flat.output(values))
+}

@@ -18,22 +18,28 @@ mod common;
 mod consensus;
 mod dare;
 mod emr;
+mod iso_c;
+mod iso_cts;
 mod model_stock;
 mod slerp;
 mod tall_masks;
 mod task_arithmetic;
 mod ties;
+mod tsv_m;
 mod weight_average;
 
 pub use breadcrumbs::Breadcrumbs;
 pub use consensus::Consensus;
 pub use dare::Dare;
 pub use emr::Emr;
+pub use iso_c::IsoC;
+pub use iso_cts::IsoCts;
 pub use model_stock::ModelStock;
 pub use slerp::Slerp;
 pub use tall_masks::TallMasks;
 pub use task_arithmetic::TaskArithmetic;
 pub use ties::Ties;
+pub use tsv_m::TsvM;
 pub use weight_average::WeightAverage;
 
 /// What a merge reads.
