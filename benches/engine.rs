@@ -1,0 +1,95 @@
+//! The ONNX engine on a ViT-B/32-sized CLIP vision tower with random weights: images/s for a
+//! forward pass and for forward + input gradient (cross-entropy), batch 32, 2 intra-op threads;
+//! session-creation time; peak resident memory. `scripts/bench-engine.sh` runs it and compares with
+//! PyTorch eager (scripts/clip_reference/bench_torch.py).
+//!
+//! `cargo bench --bench engine` (MERGEATTACK_BENCH_THREADS / MERGEATTACK_BENCH_BATCH override).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mergeattack_core::classifier::Classifier;
+use mergeattack_core::tensor::ParamSet;
+use mergeattack_onnx::clip::ClipVisionConfig;
+use mergeattack_onnx::clip::vision::vision_weight_shapes;
+use mergeattack_onnx::runtime::{Model, RuntimeOptions};
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
+use rand::RngExt;
+
+const CLASSES: usize = 10;
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Random ViT-B/32 weights (uniform, std 0.02; LayerNorm scales 1) and a head.
+fn random_model(cfg: &ClipVisionConfig) -> (ParamSet<'static>, Array2<f32>) {
+    let mut rng = mergeattack_core::rng::stream(7, &[b"bench-engine"]);
+    let a = 0.02f32 * 3f32.sqrt();
+    let mut p = ParamSet::new();
+    for (name, shape) in vision_weight_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let ln_scale = name.contains("norm") && name.ends_with(".weight");
+        let v: Vec<f32> =
+            (0..n).map(|_| if ln_scale { 1.0 } else { (rng.random::<f32>() * 2.0 - 1.0) * a }).collect();
+        p.insert_owned(name, ArrayD::from_shape_vec(IxDyn(&shape), v).expect("shape"));
+    }
+    let head = Array2::from_shape_fn((CLASSES, cfg.projection_dim), |_| rng.random::<f32>() - 0.5);
+    (p, head)
+}
+
+fn images(n: usize, cfg: &ClipVisionConfig) -> Array4<f32> {
+    let mut rng = mergeattack_core::rng::stream(7, &[b"bench-images"]);
+    Array4::from_shape_fn((n, 3, cfg.image_size, cfg.image_size), |_| rng.random::<f32>())
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn engine(c: &mut Criterion) {
+    let cfg = ClipVisionConfig::vit_b32();
+    let threads = env_usize("MERGEATTACK_BENCH_THREADS", 2);
+    let batch = env_usize("MERGEATTACK_BENCH_BATCH", 32);
+    let opts = RuntimeOptions { threads, batch_size: batch, ..Default::default() };
+    let (params, head) = random_model(&cfg);
+    let x = images(batch, &cfg);
+    let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
+
+    // Session creation (graph bytes cached after the first model; weights bound per model).
+    let mut creation = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut m = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
+        m.warm_up().unwrap();
+        creation.push(t.elapsed());
+    }
+    creation.sort();
+    let mut model = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
+    model.logits(x.view()).unwrap();
+    let t = Instant::now();
+    model.loss_grad(x.view(), &labels).unwrap();
+    let grad_session = t.elapsed();
+
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(batch as u64));
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_secs(3));
+    g.measurement_time(Duration::from_secs(15));
+    g.bench_function("forward", |b| b.iter(|| black_box(model.logits(x.view()).unwrap())));
+    g.bench_function("forward_input_grad", |b| b.iter(|| black_box(model.loss_grad(x.view(), &labels).unwrap())));
+    g.finish();
+    println!(
+        "engine-summary threads={threads} batch={batch} session_creation_s={:.3} first_grad_call_s={:.3} peak_rss_mb={:.0}",
+        creation[1].as_secs_f64(),
+        grad_session.as_secs_f64(),
+        peak_rss_mb().unwrap_or(f64::NAN)
+    );
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The engine benchmark: benches/engine.rs (criterion; ViT-B/32-sized random CLIP vision tower,
+# batch 32, 2 threads: forward and forward + input gradient images/s, session creation, peak RSS),
+# then the same computation in PyTorch eager (scripts/clip_reference/bench_torch.py) when torch is
+# importable by $PYTHON (default python3), and the ratios.
+#
+#   scripts/bench-engine.sh            # PROFILE=release by default; PROFILE=dev builds faster
+#                                      # (the hot path is ONNX Runtime's own code either way)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE="${PROFILE:-release}"
+PYTHON="${PYTHON:-python3}"
+lscpu | grep -E "Model name|^CPU\(s\)" || true
+log="$(mktemp)"
+cargo bench --profile "$PROFILE" --bench engine -- --noplot 2>&1 | tee "$log"
+ips() { # criterion's mean time per batch -> images/s
+  "$PYTHON" -c "import json,sys; e=json.load(open(sys.argv[1])); print(${MERGEATTACK_BENCH_BATCH:-32}/(e['mean']['point_estimate']*1e-9))" \
+    "target/criterion/engine/$1/new/estimates.json"
+}
+fwd="$(ips forward)"; grad="$(ips forward_input_grad)"
+echo "mergeattack (ONNX Runtime): forward ${fwd} images/s, forward+input grad ${grad} images/s"
+grep engine-summary "$log" || true
+"$PYTHON" scripts/clip_reference/bench_torch.py --threads "${MERGEATTACK_BENCH_THREADS:-2}" \
+  --batch "${MERGEATTACK_BENCH_BATCH:-32}" --rust-forward "$fwd" --rust-grad "$grad"
+rm -f "$log"
