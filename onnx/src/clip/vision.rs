@@ -589,6 +589,42 @@ mod tests {
     }
 
     #[test]
+    fn f32_outputs_are_bitwise_identical_for_any_thread_count() {
+        use ort::session::Session;
+        use ort::value::Tensor;
+        let cfg = tiny();
+        let outs = VisionOutputs { dw: Some(DwObjective::LossSum), grams: true, ..VisionOutputs::attack() };
+        let g = build_vision(&cfg, CLASSES, &outs, ElemType::F32).unwrap();
+        let bytes = g.to_bytes();
+        let w = weights(&g, 10);
+        let (px, labels, _) = inputs(11);
+        let px: Vec<f32> = px.iter().map(|&v| v as f32).collect();
+        let names = g.output_names();
+        let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
+        for threads in [1, 2, 4] {
+            let mut b = Session::builder(crate::graph::test_util::env()).unwrap().with_intra_threads(threads).unwrap();
+            for (n, vals) in &w {
+                let v = g.by_name(n).unwrap();
+                let shape: Vec<usize> = g.shape(v).iter().map(|d| d.fixed().unwrap() as usize).collect();
+                let data: Vec<f32> = vals.iter().map(|&x| x as f32).collect();
+                b = b.with_external_initializer(n, Tensor::from_array((shape, data)).unwrap().into_dyn()).unwrap();
+            }
+            let mut s = b.commit_from_memory(&bytes).unwrap();
+            let x = Tensor::from_array((vec![N, 3, 8, 8], px.clone())).unwrap();
+            let l = Tensor::from_array((vec![N], labels.clone())).unwrap();
+            let o = s.run(ort::inputs![PIXELS => x, LABELS => l]).unwrap();
+            results.push(names.iter().map(|n| o[n.as_str()].try_extract_tensor::<f32>().unwrap().1.to_vec()).collect());
+        }
+        assert!(results[0].iter().flatten().all(|v| v.is_finite()));
+        for r in &results[1..] {
+            for (k, n) in names.iter().enumerate() {
+                let same = r[k].iter().zip(&results[0][k]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "output {n} differs between thread counts");
+            }
+        }
+    }
+
+    #[test]
     fn f32_graph_builds_and_names_hf_weights() {
         let cfg = ClipVisionConfig::vit_b32();
         let g = build_vision(&cfg, 10, &VisionOutputs::attack(), ElemType::F32).unwrap();

@@ -279,6 +279,18 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
         Op::Gather(axis) => {
             let ax = *axis;
             let r = g.rank(x);
+            let d = g.shape(x)[ax as usize].fixed();
+            if let (Some(super::TensorData::I64(idx)), Some(d)) = (&g.values[b.0].constant, d)
+                && g.rank(b) == 0
+            {
+                // A constant scalar index (e.g. the CLS token): zero-pad dy around it.
+                let i = if idx[0] < 0 { idx[0] + d } else { idx[0] };
+                let u = g.unsqueeze(dy, &[ax]);
+                let mut pads = vec![0i64; 2 * r];
+                pads[ax as usize] = i;
+                pads[ax as usize + r] = d - i - 1;
+                return vec![Some(g.pad(u, &pads)), None];
+            }
             let ri = g.rank(b);
             let (dyu, idx_shape): (Value, Vec<i64>) = match ri {
                 0 => (g.unsqueeze(dy, &[ax]), vec![1; r]),

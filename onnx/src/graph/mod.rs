@@ -27,7 +27,7 @@ mod tests;
 /// Test helpers shared with the CLIP graph tests (f64 feeds, sessions, deterministic data).
 #[cfg(test)]
 pub(crate) mod test_util {
-    pub(crate) use super::tests::{Feed, TestRng, run, session};
+    pub(crate) use super::tests::{Feed, TestRng, env, run, session};
 }
 
 use std::collections::HashMap;

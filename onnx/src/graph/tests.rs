@@ -242,6 +242,8 @@ fn shape_ops() {
         g.mul(p[0], p[2])
     });
     check("gather_scalar", &[(s, x.clone())], &[], |g, x, _| g.select(x[0], 1, 0));
+    check("gather_scalar_negative", &[(s, x.clone())], &[], |g, x, _| g.select(x[0], 2, -2));
+    check("gather_scalar_input", &[(s, x.clone())], &[(&[], vec![2])], |g, x, i| g.gather(x[0], i[0], 1));
     check("gather_vector", &[(s, x.clone())], &[(&[4], vec![2, 0, 2, -1])], |g, x, i| g.gather(x[0], i[0], 1));
     check("gather_elements", &[(s, x.clone())], &[(&[2, 3, 1], vec![0, 3, 1, 1, 2, 0])], |g, x, i| {
         g.gather_elements(x[0], i[0], 2)
