@@ -293,8 +293,21 @@ pub trait MergeMethod: Sync {
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError>;
 }
 
-static REGISTRY: &[&dyn MergeMethod] =
-    &[&WeightAverage, &TaskArithmetic, &Ties, &Dare, &Breadcrumbs, &Consensus, &TallMasks, &Emr, &ModelStock, &Slerp];
+static REGISTRY: &[&dyn MergeMethod] = &[
+    &WeightAverage,
+    &TaskArithmetic,
+    &Ties,
+    &Dare,
+    &Breadcrumbs,
+    &Consensus,
+    &TallMasks,
+    &Emr,
+    &ModelStock,
+    &Slerp,
+    &TsvM,
+    &IsoC,
+    &IsoCts,
+];
 
 /// Every data-free merge method, in listing order.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {
@@ -423,6 +436,86 @@ mod tests {
         assert_eq!(lookup("weight_average").unwrap().name(), "weight-average");
         assert_eq!(lookup("Weight-Average").unwrap().name(), "weight-average");
         assert!(matches!(lookup("nope"), Err(MergeError::UnknownMethod { .. })));
+    }
+
+    #[test]
+    fn registry_names_aliases_and_defaults() {
+        let want = [
+            "weight-average",
+            "task-arithmetic",
+            "ties",
+            "dare",
+            "breadcrumbs",
+            "consensus",
+            "tall-masks",
+            "emr",
+            "model-stock",
+            "slerp",
+            "tsv-m",
+            "iso-c",
+            "iso-cts",
+        ];
+        let got: Vec<&str> = registry().iter().map(|m| m.name()).collect();
+        assert_eq!(got, want);
+        for m in registry() {
+            assert!(!m.summary().is_empty());
+            for a in m.aliases() {
+                assert_eq!(lookup(a).unwrap().name(), m.name(), "alias {a}");
+            }
+            // Every documented default is accepted by the method's own parameter parsing.
+            let mut p = Params::new();
+            for spec in m.params() {
+                p.set(spec.name, spec.default);
+            }
+            validate_params(*m, &p).unwrap();
+            assert_eq!(m.per_task(), matches!(m.name(), "emr" | "tall-masks"));
+        }
+        for (alias, name) in [
+            ("linear", "weight-average"),
+            ("task_arithmetic", "task-arithmetic"),
+            ("ties", "ties"),
+            ("dare_linear", "dare"),
+            ("breadcrumbs", "breadcrumbs"),
+            ("model_stock", "model-stock"),
+            ("slerp", "slerp"),
+            ("ties_merging", "ties"),
+        ] {
+            assert_eq!(lookup(alias).unwrap().name(), name);
+        }
+    }
+
+    /// Every method runs on a small input with its documented defaults given explicitly, with the
+    /// same result as with no parameters.
+    #[test]
+    fn defaults_given_explicitly_change_nothing() {
+        use testutil::*;
+        let base = set(&[("w", &[3, 2], &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), ("b", &[2], &[1.0, -1.0])]);
+        let m = [
+            set(&[("w", &[3, 2], &[0.3, 0.1, 0.2, 0.9, 0.5, 0.7]), ("b", &[2], &[1.5, -1.0])]),
+            set(&[("w", &[3, 2], &[0.0, 0.2, 0.6, 0.4, 0.1, 0.6]), ("b", &[2], &[0.5, -2.0])]),
+        ];
+        let names = names(&base);
+        let input = MergeInput { base: &base, models: &m, model_weights: None, names: &names, seed: 4 };
+        for method in registry() {
+            let mut p = Params::new();
+            for spec in method.params() {
+                // The lambda default of `dare` depends on `base`.
+                if !(method.name() == "dare" && spec.name == "lambda") {
+                    p.set(spec.name, spec.default);
+                }
+            }
+            let a = method.merge(&input, &Params::new()).unwrap();
+            let b = method.merge(&input, &p).unwrap();
+            let (a, b) = match (a, b) {
+                (MergeOutput::Single(a), MergeOutput::Single(b)) => (a, b),
+                (MergeOutput::PerTask(a), MergeOutput::PerTask(b)) => (a.task(1), b.task(1)),
+                _ => panic!("{}: output kinds differ", method.name()),
+            };
+            for n in &names {
+                assert_eq!(values(&a, n), values(&b, n), "{} {n}", method.name());
+                assert!(values(&a, n).iter().all(|x| x.is_finite()), "{} {n}", method.name());
+            }
+        }
     }
 
     #[test]
