@@ -132,7 +132,11 @@ fn synth_record(s: &Setting) -> SettingRecord {
     let mut m = Metrics::default();
     for (j, e) in m.values_mut().into_iter().enumerate() {
         let v = ((x * 0.37 + j as f64 * 0.11).sin() + 1.0) / 2.0;
-        *e = if (s.index + j) % 11 == 0 { Estimate::na() } else { Estimate::with_ci(v, v * 0.9, (v * 1.1).min(1.0)) };
+        *e = if (s.index + j).is_multiple_of(11) {
+            Estimate::na()
+        } else {
+            Estimate::with_ci(v, v * 0.9, (v * 1.1).min(1.0))
+        };
     }
     m.rep_bias = Estimate::point(x / 1000.0);
     SettingRecord {
@@ -142,7 +146,7 @@ fn synth_record(s: &Setting) -> SettingRecord {
         needs_task_id: s.key.method.contains("surgery") || s.key.method == "emr",
         metrics: m,
         grad_align_merged_skipped: Some(s.index as u64 % 3),
-        grad_align_reference_skipped: if s.index % 2 == 0 { None } else { Some(1) },
+        grad_align_reference_skipped: if s.index.is_multiple_of(2) { None } else { Some(1) },
         seconds: Phases { merge: 0.5, craft: x / 10.0, evaluate: 0.25 },
     }
 }
@@ -237,9 +241,11 @@ fn kill_9_mid_run_then_resume_loses_and_duplicates_nothing() {
 }
 
 fn record(dataset: &str, method: &str, v: f64) -> SettingRecord {
-    let mut m = Metrics::default();
-    m.rtasr_wb_all = Estimate::with_ci(v, v - 0.1, v + 0.1);
-    m.rtasr_ref_cc = Estimate::na();
+    let m = Metrics {
+        rtasr_wb_all: Estimate::with_ci(v, v - 0.1, v + 0.1),
+        rtasr_ref_cc: Estimate::na(),
+        ..Default::default()
+    };
     SettingRecord {
         key: mergeattack_harness::study::SettingKey {
             dataset: dataset.into(),

@@ -16,14 +16,23 @@ fn metric(s: &StoredSetting, name: &str) -> Option<f64> {
     s.record.metrics.get(name).and_then(|e| e.value)
 }
 
+/// (config hash, dataset, attack, surrogate, eps): a setting apart from its method.
+type Block = (String, String, String, String, String);
+
 /// Block of a setting apart from its method.
-fn block(s: &StoredSetting) -> (String, String, String, String, String) {
+fn block(s: &StoredSetting) -> Block {
     let k = &s.record.key;
     (s.config_hash.clone(), k.dataset.clone(), k.attack.clone(), k.surrogate.clone(), k.eps.clone())
 }
 
 fn p(v: f64) -> String {
+    let v = nz(v);
     if v < 1e-4 { format!("{v:.2e}") } else { format!("{v:.4}") }
+}
+
+/// Print a negative zero as 0.
+fn nz(v: f64) -> f64 {
+    v + 0.0
 }
 
 fn verdict(held: bool) -> &'static str {
@@ -37,18 +46,18 @@ fn mean(v: &[f64]) -> f64 {
 fn wilcoxon_line(w: &Wilcoxon) -> String {
     format!(
         "Wilcoxon signed-rank: statistic {:.4}, p = {} ({:?} method; {} nonzero differences, {} zeros dropped; W+ {:.1}, W- {:.1})",
-        w.statistic,
+        nz(w.statistic),
         p(w.pvalue),
         w.method,
         w.n,
         w.zeros,
-        w.w_plus,
-        w.w_minus
+        nz(w.w_plus),
+        nz(w.w_minus)
     )
 }
 
 fn spearman_line(s: &Spearman) -> String {
-    format!("Spearman rho = {:.4}, p = {} (n = {})", s.rho, p(s.pvalue), s.n)
+    format!("Spearman rho = {:.4}, p = {} (n = {})", nz(s.rho), p(s.pvalue), s.n)
 }
 
 /// Merged target vs the unmerged reference: paired tasr differences across settings.
@@ -121,7 +130,7 @@ pub fn finding2(rows: &[StoredSetting]) -> String {
         }
     };
     // Pairs: method+surgery vs method on the same block.
-    let mut by: BTreeMap<((String, String, String, String, String), String), f64> = BTreeMap::new();
+    let mut by: BTreeMap<(Block, String), f64> = BTreeMap::new();
     for s in rows {
         if let Some(v) = metric(s, PRIMARY) {
             by.insert((block(s), s.record.key.method.clone()), v);
@@ -179,7 +188,7 @@ pub fn finding3(rows: &[StoredSetting]) -> (String, Option<(Friedman, Vec<String
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut blocks: BTreeMap<(String, String, String, String, String), BTreeMap<String, f64>> = BTreeMap::new();
+    let mut blocks: BTreeMap<Block, BTreeMap<String, f64>> = BTreeMap::new();
     for s in rows {
         if let Some(v) = metric(s, PRIMARY) {
             blocks.entry(block(s)).or_default().insert(s.record.key.method.clone(), v);
@@ -196,7 +205,7 @@ pub fn finding3(rows: &[StoredSetting]) -> (String, Option<(Friedman, Vec<String
                 f.k,
                 f.n,
                 total - complete.len(),
-                f.statistic,
+                nz(f.statistic),
                 p(f.pvalue)
             ));
             let mut order: Vec<(usize, f64)> = f.mean_ranks.iter().copied().enumerate().collect();

@@ -88,17 +88,9 @@ fn axis_range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-fn axes(
-    s: &mut String,
-    x0: f64,
-    y0: f64,
-    pw: f64,
-    ph: f64,
-    xr: (f64, f64),
-    yr: (f64, f64),
-    xlabel: &str,
-    ylabel: &str,
-) {
+/// Draw a frame `(x0, y0, width, height)` with ticks for the ranges `xr`, `yr` and axis labels.
+fn axes(s: &mut String, frame: (f64, f64, f64, f64), xr: (f64, f64), yr: (f64, f64), xlabel: &str, ylabel: &str) {
+    let (x0, y0, pw, ph) = frame;
     s.push_str(&format!(
         "<rect x=\"{x0:.2}\" y=\"{y0:.2}\" width=\"{pw:.2}\" height=\"{ph:.2}\" fill=\"none\" stroke=\"#333333\"/>\n"
     ));
@@ -142,7 +134,7 @@ pub fn scatter(title: &str, xlabel: &str, ylabel: &str, points: &[(f64, f64, usi
     let mut s = open(w, h, title);
     let xr = axis_range(points.iter().map(|p| p.0));
     let yr = axis_range(points.iter().map(|p| p.1));
-    axes(&mut s, x0, y0, pw, ph, xr, yr, xlabel, ylabel);
+    axes(&mut s, (x0, y0, pw, ph), xr, yr, xlabel, ylabel);
     for &(x, y, g) in points {
         let px = x0 + pw * (x - xr.0) / (xr.1 - xr.0);
         let py = y0 + ph * (1.0 - (y - yr.0) / (yr.1 - yr.0));

@@ -189,8 +189,7 @@ mod tests {
 
     #[test]
     fn names_match_fields_and_lookup() {
-        let mut m = Metrics::default();
-        m.rep_bias = Estimate::point(0.5);
+        let m = Metrics { rep_bias: Estimate::point(0.5), ..Default::default() };
         assert_eq!(Metrics::NAMES.len(), m.values().len());
         assert_eq!(m.get("rep_bias"), Some(&Estimate::point(0.5)));
         assert_eq!(m.get("nope"), None);

@@ -35,13 +35,13 @@ pub enum StoreError {
     #[error("cannot write to results store {path} ({source}); setting {key} was not saved and the store is unchanged")]
     Write { path: PathBuf, key: String, source: rusqlite::Error },
     #[error("setting {key} is already in results store {path} (config {config_hash})")]
-    Duplicate { path: PathBuf, key: SettingKey, config_hash: String },
+    Duplicate { path: PathBuf, key: String, config_hash: String },
     #[error("setting {key}: {name} is {value}, not a finite number; refusing to store it")]
-    NonFinite { key: SettingKey, name: String, value: f64 },
+    NonFinite { key: String, name: String, value: f64 },
     #[error("results store {path}: {source}")]
     Sql { path: PathBuf, source: rusqlite::Error },
     #[error("setting {key} of config {config_hash} has different results in {first} and {second}")]
-    Conflict { key: SettingKey, config_hash: String, first: PathBuf, second: PathBuf },
+    Conflict { key: String, config_hash: String, first: PathBuf, second: PathBuf },
 }
 
 /// Facts about one invocation of a study.
@@ -306,7 +306,7 @@ impl Store {
     /// Store one finished setting in one transaction (its row and its phase rows).
     pub fn insert(&mut self, config_hash: &str, rec: &SettingRecord) -> Result<(), StoreError> {
         if let Some((name, value)) = rec.first_non_finite() {
-            return Err(StoreError::NonFinite { key: rec.key.clone(), name, value });
+            return Err(StoreError::NonFinite { key: rec.key.to_string(), name, value });
         }
         let k = &rec.key;
         let mut values: Vec<Value> = vec![
@@ -350,7 +350,7 @@ impl Store {
         })();
         result.map_err(|e| match e.sqlite_error_code() {
             Some(ErrorCode::ConstraintViolation) => {
-                StoreError::Duplicate { path: self.path.clone(), key: k.clone(), config_hash: config_hash.into() }
+                StoreError::Duplicate { path: self.path.clone(), key: k.to_string(), config_hash: config_hash.into() }
             }
             Some(ErrorCode::DiskFull) => StoreError::Full { path: self.path.clone(), key: k.to_string() },
             Some(_) => StoreError::Write { path: self.path.clone(), key: k.to_string(), source: e },
@@ -464,7 +464,7 @@ pub fn read_stores(paths: &[PathBuf]) -> Result<Vec<StoredSetting>, StoreError> 
             b.seconds = Phases::default();
             if a != b {
                 return Err(StoreError::Conflict {
-                    key: s.record.key.clone(),
+                    key: s.record.key.to_string(),
                     config_hash: s.config_hash.clone(),
                     first: paths[*from.last().expect("parallel")].clone(),
                     second: paths[i].clone(),
@@ -483,9 +483,11 @@ mod tests {
     use super::*;
 
     fn record(i: usize) -> SettingRecord {
-        let mut m = Metrics::default();
-        m.acc_merged = Estimate::with_ci(0.5 + i as f64 * 1e-3, 0.4, 0.6);
-        m.rtasr_ref_all = Estimate::na();
+        let m = Metrics {
+            acc_merged: Estimate::with_ci(0.5 + i as f64 * 1e-3, 0.4, 0.6),
+            rtasr_ref_all: Estimate::na(),
+            ..Default::default()
+        };
         SettingRecord {
             key: SettingKey {
                 dataset: format!("d{}", i % 3),
@@ -496,7 +498,7 @@ mod tests {
             },
             eps_value: 8.0 / 255.0,
             n_images: 10,
-            needs_task_id: i % 2 == 0,
+            needs_task_id: i.is_multiple_of(2),
             metrics: m,
             grad_align_merged_skipped: Some(1),
             grad_align_reference_skipped: None,
