@@ -253,6 +253,8 @@ pub struct Graph {
     inits: Vec<Init>,
     names: HashMap<String, Value>,
     const_count: usize,
+    /// Equal constants are shared (shape, type, bytes).
+    const_cache: HashMap<(Vec<usize>, ElemType, Vec<u8>), Value>,
 }
 
 fn attr_i(name: &str, i: i64) -> AttributeProto {
@@ -313,6 +315,7 @@ impl Graph {
             inits: Vec::new(),
             names: HashMap::new(),
             const_count: 0,
+            const_cache: HashMap::new(),
         }
     }
 
@@ -474,12 +477,17 @@ impl Graph {
     /// A constant (an embedded, unnamed initializer).
     pub fn constant(&mut self, shape: &[usize], data: TensorData) -> Value {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "constant: data length vs shape {shape:?}");
+        let key = (shape.to_vec(), data.elem(), data.raw_bytes());
+        if let Some(&v) = self.const_cache.get(&key) {
+            return v;
+        }
         let v = self.new_value(data.elem(), dims(shape), None);
         self.const_count += 1;
         let name = format!("const.{}", self.const_count);
         self.claim_name(&name, v);
         self.values[v.0].constant = Some(data.clone());
         self.inits.push(Init { value: v, data: Some(data) });
+        self.const_cache.insert(key, v);
         v
     }
 
@@ -728,9 +736,16 @@ impl Graph {
     }
 
     /// Transpose with a permutation.
+    /// A transpose of a transpose that composes to the identity returns the original value.
     pub fn transpose(&mut self, x: Value, perm: &[i64]) -> Value {
         let sx = self.shape(x).to_vec();
         assert_eq!(perm.len(), sx.len(), "Transpose: permutation length vs rank");
+        if let Some(k) = self.values[x.0].producer
+            && let Op::Transpose(inner) = &self.nodes[k].op
+            && perm.iter().enumerate().all(|(i, &p)| inner[p as usize] == i as i64)
+        {
+            return self.nodes[k].inputs[0];
+        }
         let s = perm.iter().map(|&p| sx[p as usize].clone()).collect();
         let e = self.elem(x);
         self.node(Op::Transpose(perm.to_vec()), "Transpose", &[x], vec![attr_ints("perm", perm)], e, s)
