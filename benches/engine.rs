@@ -31,8 +31,7 @@ fn random_model(cfg: &ClipVisionConfig) -> (ParamSet<'static>, Array2<f32>) {
     for (name, shape) in vision_weight_shapes(cfg) {
         let n: usize = shape.iter().product();
         let ln_scale = name.contains("norm") && name.ends_with(".weight");
-        let v: Vec<f32> =
-            (0..n).map(|_| if ln_scale { 1.0 } else { (rng.random::<f32>() * 2.0 - 1.0) * a }).collect();
+        let v: Vec<f32> = (0..n).map(|_| if ln_scale { 1.0 } else { (rng.random::<f32>() * 2.0 - 1.0) * a }).collect();
         p.insert_owned(name, ArrayD::from_shape_vec(IxDyn(&shape), v).expect("shape"));
     }
     let head = Array2::from_shape_fn((CLASSES, cfg.projection_dim), |_| rng.random::<f32>() - 0.5);

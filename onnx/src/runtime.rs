@@ -915,3 +915,167 @@ impl Classifier for Model {
         Ok(Some(self.forward(x)?.1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/clip_tiny")
+    }
+
+    fn tiny(opts: RuntimeOptions) -> (VisionWeights, Array2<f32>, Model) {
+        let dir = fixture();
+        let w = VisionWeights::load(&dir.join("model.safetensors"), None, None).unwrap();
+        let (_, head) = load_head(&dir.join("heads.safetensors"), None).unwrap();
+        let m = Model::from_params(w.config.clone(), &w.params, head.view(), opts, &w.source).unwrap();
+        (w, head, m)
+    }
+
+    fn images(n: usize) -> Array4<f32> {
+        Array4::from_shape_fn((n, 3, 32, 32), |(i, c, h, w)| ((i * 31 + c * 7 + h * 5 + w * 3) % 23) as f32 / 22.0)
+    }
+
+    #[test]
+    fn outputs_do_not_depend_on_threads_and_batches_split_cleanly() {
+        let x = images(5);
+        let labels = [0, 1, 2, 3, 4];
+        let (_, _, mut a) = tiny(RuntimeOptions { threads: 1, batch_size: 32, ..Default::default() });
+        let (_, _, mut b) = tiny(RuntimeOptions { threads: 2, batch_size: 32, ..Default::default() });
+        let (_, _, mut c) = tiny(RuntimeOptions { threads: 2, batch_size: 2, ..Default::default() });
+        let ga = a.loss_grad(x.view(), &labels).unwrap();
+        let gb = b.loss_grad(x.view(), &labels).unwrap();
+        assert_eq!(ga.logits, gb.logits);
+        assert_eq!(ga.grad, gb.grad);
+        let gc = c.loss_grad(x.view(), &labels).unwrap();
+        let close =
+            |p: &Array4<f32>, q: &Array4<f32>| p.iter().zip(q).all(|(u, v)| (u - v).abs() <= 1e-6 * (1.0 + v.abs()));
+        assert!(close(&ga.grad, &gc.grad), "split batches give the same gradients");
+        let (wa_total, wa) = a.weight_grads(x.view(), &labels, Some(&["visual_projection.weight"])).unwrap();
+        let (wc_total, wc) = c.weight_grads(x.view(), &labels, Some(&["visual_projection.weight"])).unwrap();
+        assert!((wa_total - wc_total).abs() < 1e-4 * wa_total.abs());
+        assert_eq!(wa[0].0, "grad.visual_projection.weight");
+        assert!(wa[0].1.iter().zip(wc[0].1.iter()).all(|(u, v)| (u - v).abs() <= 1e-4 * (1.0 + v.abs())));
+        let ra = a.grams(x.view()).unwrap();
+        let rc = c.grams(x.view()).unwrap();
+        assert_eq!(ra.len(), 12, "q, k, v, out, fc1, fc2 of 2 layers");
+        for ((na, ta), (nc, tc)) in ra.iter().zip(&rc) {
+            assert_eq!(na, nc);
+            assert!(ta.iter().zip(tc.iter()).all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs())), "{na}");
+        }
+    }
+
+    #[test]
+    fn bad_images_and_labels_are_named() {
+        let (_, _, mut m) = tiny(RuntimeOptions::default());
+        let e = m.logits(Array4::zeros((2, 3, 16, 32)).view()).unwrap_err().0;
+        assert!(e.contains("[2, 3, 16, 32]") && e.contains("[N, 3, 32, 32]"), "{e}");
+        let e = m.logits(Array4::zeros((2, 1, 32, 32)).view()).unwrap_err().0;
+        assert!(e.contains("3 channels"), "{e}");
+        let mut x = images(3);
+        x[[1, 2, 3, 4]] = f32::NAN;
+        let e = m.logits(x.view()).unwrap_err().0;
+        assert!(e.contains("image 1 holds a NaN"), "{e}");
+        let e = m.loss_grad(images(2).view(), &[0, 9]).unwrap_err().0;
+        assert!(e.contains("label 9 of image 1") && e.contains("5 classes"), "{e}");
+        let e = m.logits(Array4::zeros((0, 3, 32, 32)).view()).unwrap_err().0;
+        assert!(e.contains("empty"), "{e}");
+        let e = m.logits_vjp(images(2).view(), Array2::zeros((2, 4)).view()).unwrap_err().0;
+        assert!(e.contains("dlogits have shape [2, 4]"), "{e}");
+    }
+
+    #[test]
+    fn bad_weights_and_heads_are_named() {
+        let (w, head, _) = tiny(RuntimeOptions::default());
+        let mut p = w.params.clone();
+        p.remove("vision_model.encoder.layers.1.mlp.fc1.bias");
+        let e = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "ft.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "tensor `vision_model.encoder.layers.1.mlp.fc1.bias` is missing in ft.safetensors");
+        let mut p = w.params.clone();
+        p.insert_owned("vision_model.post_layernorm.weight", ArrayD::zeros(IxDyn(&[31])));
+        let e = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "ft.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`vision_model.post_layernorm.weight` has shape [31]") && e.contains("needs [32]"), "{e}");
+        let mut p = w.params.clone();
+        let mut bad = p.get("vision_model.pre_layrnorm.bias").unwrap().to_owned();
+        bad[[3]] = f32::NAN;
+        p.insert_owned("vision_model.pre_layrnorm.bias", bad);
+        let e = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "ft.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pre_layrnorm.bias") && e.contains("NaN"), "{e}");
+        let mut p = w.params.clone();
+        p.remove("visual_projection.weight");
+        let e = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "ft.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pretrained CLIPModel"), "{e}");
+        let e = Model::from_params(
+            w.config.clone(),
+            &w.params,
+            Array2::zeros((3, 8)).view(),
+            RuntimeOptions::default(),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[3, 8]") && e.contains("projection_dim"), "{e}");
+        let e = load_head(&fixture().join("heads.safetensors"), Some("cars")).unwrap_err().to_string();
+        assert!(e.contains("no head for task `cars` (it has: random)"), "{e}");
+        let e = load_head(&fixture().join("model.safetensors"), None).unwrap_err().to_string();
+        assert!(e.contains("choose one with --task"), "{e}");
+    }
+
+    #[test]
+    fn configs_and_options_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("bad.json");
+        std::fs::write(&cfg, r#"{"hidden_size": 32, "num_attention_heads": 3}"#).unwrap();
+        let e = vision_config_for(&fixture().join("model.safetensors"), Some(&cfg)).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.json") && e.contains("hidden_size 32 is not divisible by num_attention_heads 3"),
+            "{e}"
+        );
+        let e = vision_config_for(&tmp.path().join("w.safetensors"), None).unwrap_err().to_string();
+        assert!(e.contains("no config.json") && e.contains("--config"), "{e}");
+        assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda);
+        assert!("tpu".parse::<Device>().unwrap_err().to_string().contains("unknown device `tpu`"));
+        let (w, head, _) = tiny(RuntimeOptions::default());
+        let zero = RuntimeOptions { batch_size: 0, ..Default::default() };
+        assert!(Model::from_params(w.config.clone(), &w.params, head.view(), zero, "f").is_err());
+        #[cfg(not(feature = "cuda"))]
+        {
+            let cuda = RuntimeOptions { device: Device::Cuda, ..Default::default() };
+            let mut m = Model::from_params(w.config.clone(), &w.params, head.view(), cuda, "f").unwrap();
+            let e = m.logits(images(1).view()).unwrap_err().0;
+            assert!(e.contains("CUDA") && e.contains("no CUDA support"), "{e}");
+        }
+    }
+
+    #[test]
+    fn prefixless_vision_files_load_like_hf() {
+        let (w, head, mut m) = tiny(RuntimeOptions::default());
+        let want = m.logits(images(2).view()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // A prefix-less CLIPVisionModel file (transformers >= 5), config beside it.
+        let mut bare = ParamSet::new();
+        for (n, t) in w.params.iter() {
+            if let Some(rest) = n.strip_prefix("vision_model.") {
+                bare.insert_view(rest, t.view());
+            } else if n == "visual_projection.weight" {
+                bare.insert_view(n, t.view());
+            }
+        }
+        let file = tmp.path().join("vision.safetensors");
+        crate::weights::save(&file, &bare, &[]).unwrap();
+        std::fs::copy(fixture().join("config.json"), tmp.path().join("config.json")).unwrap();
+        let v = VisionWeights::load(&file, None, None).unwrap();
+        // No logit_scale in the file: CLIP's ln 100 is used, which is also the fixture's value.
+        let mut m2 =
+            Model::from_params(v.config.clone(), &v.params, head.view(), RuntimeOptions::default(), "v").unwrap();
+        assert_eq!(m2.logits(images(2).view()).unwrap(), want);
+    }
+}

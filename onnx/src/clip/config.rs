@@ -149,7 +149,10 @@ impl ClipVisionConfig {
             layer_norm_eps: f.f64_or("layer_norm_eps", 1e-5)?,
             projection_dim,
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Inconsistent(m) => ConfigError::Inconsistent(format!("{path}: {m}")),
+            e => e,
+        })?;
         Ok(cfg)
     }
 }
@@ -178,7 +181,7 @@ impl ClipTextConfig {
         };
         if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(ConfigError::Inconsistent(format!(
-                "text hidden_size {} is not a positive multiple of num_attention_heads {}",
+                "{path}: text hidden_size {} is not a positive multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
             )));
         }
