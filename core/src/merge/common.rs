@@ -178,6 +178,20 @@ pub(crate) fn raw_weights(input: &MergeInput<'_, '_>) -> Result<Vec<f32>, MergeE
     }
 }
 
+/// Refuse per-model weights for a method that has no use for them (rather than ignore them).
+pub(crate) fn reject_weights(method: &'static str, input: &MergeInput<'_, '_>) -> Result<(), MergeError> {
+    match input.model_weights {
+        None => Ok(()),
+        Some(_) => Err(MergeError::UnknownParam {
+            method,
+            param: "weight".into(),
+            known: String::from(
+                "no per-model weights; weight-average, task-arithmetic, dare and breadcrumbs take them",
+            ),
+        }),
+    }
+}
+
 /// theta0 + sum_t coef_t * tau_t, with tau_t from `src`.
 pub(crate) fn weighted_sum(flat: &Flat<'_>, src: &dyn TaskVectors, coef: &[f32]) -> ParamSet<'static> {
     let mut buf = vec![0.0f32; CHUNK];
@@ -473,6 +487,7 @@ pub(crate) fn svd_frame(
     matrix: impl Fn(&[ndarray::Array2<f64>]) -> Result<ndarray::Array2<f64>, crate::linalg::LinalgError>,
 ) -> Result<ParamSet<'static>, MergeError> {
     super::require_models(method, input, 1, "at least 1 fine-tuned model")?;
+    reject_weights(method, input)?;
     let alpha = finite(params, "alpha", 1.0)?;
     let exclude: Vec<&str> =
         params.get("exclude").unwrap_or(EXCLUDE_DEFAULT).split(',').map(str::trim).filter(|s| !s.is_empty()).collect();

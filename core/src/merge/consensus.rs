@@ -59,6 +59,7 @@ impl MergeMethod for Consensus {
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
+        super::common::reject_weights(self.name(), input)?;
         let l = tall_l(params)?;
         let min = params.usize_or("k", 2)?;
         let alpha = finite(params, "alpha", 0.3)?;

@@ -114,6 +114,7 @@ impl MergeMethod for Dare {
             src.scale.iter_mut().for_each(|r| r.iter_mut().for_each(|x| *x = s));
         }
         let merged = if base == "ties" {
+            super::common::reject_weights("dare (base=ties)", input)?;
             let opt = super::ties::options(params, 0.5)?;
             ties(&flat, &src, &opt)
         } else {

@@ -108,6 +108,7 @@ impl MergeMethod for Emr {
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, _params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
+        super::common::reject_weights(self.name(), input)?;
         Ok(MergeOutput::PerTask(alloc::boxed::Box::new(emr(input))))
     }
 }

@@ -61,6 +61,7 @@ impl MergeMethod for ModelStock {
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, _params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 2, "at least 2 fine-tuned models")?;
+        super::common::reject_weights(self.name(), input)?;
         let flat = Flat::new(input);
         let tasks = flat.tasks();
         let mut values = Vec::with_capacity(flat.names.len());

@@ -54,6 +54,7 @@ impl MergeMethod for Slerp {
             });
         }
         let t = unit(params, "t", 0.5)?;
+        super::common::reject_weights(self.name(), input)?;
         let flat = Flat::new(input);
         let values: Vec<Vec<f32>> = (0..flat.names.len())
             .map(|k| {

@@ -49,6 +49,7 @@ impl MergeMethod for TallMasks {
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
+        super::common::reject_weights(self.name(), input)?;
         let l = tall_l(params)?;
         let flat = Flat::new(input);
         let tasks = flat.tasks();

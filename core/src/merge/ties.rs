@@ -51,6 +51,7 @@ impl MergeMethod for Ties {
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
+        super::common::reject_weights(self.name(), input)?;
         let opt = options(params, 0.3)?;
         let flat = Flat::new(input);
         Ok(MergeOutput::Single(ties(&flat, &flat, &opt)))
@@ -167,6 +168,10 @@ mod tests {
         let m = [set(&[("a", &[1], &[1.0])])];
         let names = names(&base);
         let input = MergeInput { base: &base, models: &m, model_weights: None, names: &names, seed: 0 };
+        let w = [1.0];
+        let weighted = MergeInput { model_weights: Some(&w), ..input };
+        let e = Ties.merge(&weighted, &Params::new()).err().unwrap();
+        assert!(alloc::format!("{e}").contains("`weight`"), "{e}");
         for bad in ["0", "1.5", "-0.1"] {
             let mut p = Params::new();
             p.set("k", bad);
