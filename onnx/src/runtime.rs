@@ -386,6 +386,9 @@ pub const DEFAULT_LOGIT_SCALE: f32 = 4.605_170_2;
 
 pub use vision::{HEAD, LOGIT_SCALE};
 
+/// A tensor's name, shape and f32 data in standard (C) order.
+pub type NamedData = (String, Vec<usize>, Vec<f32>);
+
 /// A vision checkpoint read from disk in HF names, with its config.
 #[derive(Debug)]
 pub struct VisionWeights {
@@ -414,7 +417,7 @@ impl VisionWeights {
 
     /// The weights of a vision graph with `head` bound and checked: every tensor of
     /// [`all_vision_weights`] with its shape (logit_scale defaulting to ln 100), in graph order.
-    pub fn graph_params(&self, head: ArrayView2<'_, f32>) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, RuntimeError> {
+    pub fn graph_params(&self, head: ArrayView2<'_, f32>) -> Result<Vec<NamedData>, RuntimeError> {
         let all = model_params(&self.config, &self.params, head, &self.source)?;
         let mut out = Vec::new();
         for (name, shape) in all_vision_weights(&self.config, head.nrows()) {

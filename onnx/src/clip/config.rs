@@ -98,13 +98,13 @@ impl ClipVisionConfig {
                 return bad(format!("vision `{k}` is 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "vision hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "vision image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
@@ -179,7 +179,10 @@ impl ClipTextConfig {
             projection_dim,
             eos_token_id: tc.get("eos_token_id").and_then(Value::as_i64),
         };
-        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.hidden_size == 0
+            || cfg.num_attention_heads == 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(ConfigError::Inconsistent(format!(
                 "{path}: text hidden_size {} is not a positive multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
