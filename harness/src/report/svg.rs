@@ -163,7 +163,7 @@ pub fn bars(title: &str, ylabel: &str, labels: &[String], values: &[Option<f64>]
     let (x0, y0, ph) = (70.0, 35.0, 300.0);
     let bw = 56.0;
     let pw = bw * labels.len().max(1) as f64;
-    let w = x0 + pw + 30.0;
+    let w = (x0 + pw + 30.0).max(20.0 + 8.0 * title.len() as f64);
     let h = y0 + ph + 80.0;
     let mut s = open(w, h, title);
     let vmax = values.iter().flatten().fold(0.0f64, |a, &b| a.max(b)).max(1.0);
