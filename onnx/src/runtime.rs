@@ -199,20 +199,20 @@ fn register_device(
         #[cfg(feature = "cuda")]
         Device::Cuda | Device::Auto => {
             use ort::ep::ExecutionProvider;
-            let available = ort::ep::CUDA::default().is_available().unwrap_or(false);
-            if available {
-                let ep = ort::ep::CUDA::default().with_device_id(0).build().error_on_failure();
-                match builder.with_execution_providers([ep]) {
-                    Ok(b) => return Ok((b, Device::Cuda)),
+            let why = if <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false) {
+                let mut builder = builder;
+                match ort::ep::CUDA::default().with_device_id(0).register(&mut builder) {
+                    Ok(()) => return Ok((builder, Device::Cuda)),
                     Err(e) if device == Device::Cuda => return Err(RuntimeError::Cuda(e.to_string())),
                     Err(e) => {
-                        tracing::warn!("CUDA unavailable ({e}); running on the CPU");
-                        return Ok((e.recover(), Device::Cpu));
+                        tracing::warn!("--device auto: CUDA could not be registered ({e}); running on the CPU");
+                        return Ok((builder, Device::Cpu));
                     }
                 }
-            }
-            let why = "the loaded ONNX Runtime library has no CUDA execution provider (use the onnxruntime-gpu \
-                       library via ORT_DYLIB_PATH, with the CUDA 13 and cuDNN 9 libraries on the loader path)";
+            } else {
+                "the loaded ONNX Runtime library has no CUDA execution provider (use the onnxruntime-gpu library via \
+                 ORT_DYLIB_PATH, with the CUDA 13 and cuDNN 9 libraries on the loader path)"
+            };
             if device == Device::Cuda {
                 return Err(RuntimeError::Cuda(why.into()));
             }
