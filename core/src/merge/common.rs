@@ -379,6 +379,7 @@ pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) ->
         Scope::Tensor => Trim::Tensor(tensor_keys(flat, src, opt.k)),
     };
     let mut bufs = vec![0.0f32; tasks * CHUNK];
+    let mut scratch = vec![0.0f32; 4 * CHUNK];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     let mut values = Vec::with_capacity(flat.names.len());
@@ -394,31 +395,57 @@ pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) ->
                 trim.apply(t, kk, off, b);
             }
             let base = &flat.base[kk][off..off + len];
-            for i in 0..len {
-                let mut sum = 0.0f32;
-                for t in 0..tasks {
-                    sum += bufs[t * CHUNK + i];
+            // Branch-free over entries (t outer, entries inner) so that the loops vectorise.
+            let (sum, rest) = scratch.split_at_mut(CHUNK);
+            let (asum, rest) = rest.split_at_mut(CHUNK);
+            let (acc, cnt) = rest.split_at_mut(CHUNK);
+            let (sum, asum, acc, cnt) = (&mut sum[..len], &mut asum[..len], &mut acc[..len], &mut cnt[..len]);
+            sum.fill(0.0);
+            asum.fill(0.0);
+            acc.fill(0.0);
+            cnt.fill(0.0);
+            for t in 0..tasks {
+                let b = &bufs[t * CHUNK..t * CHUNK + len];
+                for ((s, a), &x) in sum.iter_mut().zip(asum.iter_mut()).zip(b) {
+                    *s += x;
+                    *a += x.abs();
                 }
-                let elected = if sum > 0.0 {
+            }
+            // The elected sign: +1, -1, or 0 for a zero sum (tensor scope: +1).
+            let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
+            for (i, s) in sum.iter_mut().enumerate() {
+                *s = if *s > 0.0 {
                     sign_total += 1;
-                    1
-                } else if sum < 0.0 {
+                    1.0
+                } else if *s < 0.0 {
                     sign_total -= 1;
-                    -1
-                } else if opt.scope == Scope::Tensor {
-                    1
+                    -1.0
                 } else {
-                    if (0..tasks).any(|t| bufs[t * CHUNK + i] != 0.0) {
+                    if zero_sign == 0.0 && asum[i] > 0.0 {
                         undecided.push((kk, off + i));
                     }
-                    0
+                    zero_sign
                 };
-                let merged = if elected == 0 {
-                    0.0
-                } else {
-                    disjoint(tasks, |t| bufs[t * CHUNK + i], elected > 0, opt.aggregate)
-                };
-                o[i] = base[i] + opt.lambda * merged;
+            }
+            for t in 0..tasks {
+                let b = &bufs[t * CHUNK..t * CHUNK + len];
+                for (((a, c), &x), &e) in acc.iter_mut().zip(cnt.iter_mut()).zip(b).zip(sum.iter()) {
+                    let keep = x * e > 0.0;
+                    *a += if keep { x } else { 0.0 };
+                    *c += if keep { 1.0 } else { 0.0 };
+                }
+            }
+            match opt.aggregate {
+                Aggregate::Sum => {
+                    for ((o, &b), &a) in o.iter_mut().zip(base).zip(acc.iter()) {
+                        *o = b + opt.lambda * a;
+                    }
+                }
+                Aggregate::Mean => {
+                    for (((o, &b), &a), &c) in o.iter_mut().zip(base).zip(acc.iter()).zip(cnt.iter()) {
+                        *o = b + opt.lambda * (a / c.max(1.0));
+                    }
+                }
             }
         }
         values.push(out);
