@@ -11,6 +11,7 @@ pub mod attack;
 pub mod classifier;
 pub mod linalg;
 pub mod merge;
+pub mod optim;
 pub mod metrics;
 pub mod rng;
 pub mod stats;
