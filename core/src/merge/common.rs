@@ -301,7 +301,8 @@ fn global_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Opti
     }
     let q = rank - 1;
     const BUCKETS: usize = 1 << 15;
-    let mut hist = vec![0usize; tasks * BUCKETS];
+    // u32 counts keep each task's table at 128 KiB (L2-resident); d < 2^32 entries per model.
+    let mut hist = vec![0u32; tasks * BUCKETS];
     let mut buf = vec![0.0f32; CHUNK];
     for kk in 0..flat.names.len() {
         for off in (0..flat.len(kk)).step_by(CHUNK) {
@@ -322,6 +323,7 @@ fn global_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Opti
         let mut cum = 0usize;
         let mut found = (BUCKETS - 1, 0usize, 0usize);
         for (b, &c) in h.iter().enumerate() {
+            let c = c as usize;
             if cum + c > q {
                 found = (b, q - cum, c);
                 break;
