@@ -43,9 +43,9 @@ fn images(n: usize, cfg: &ClipVisionConfig) -> Array4<f32> {
     Array4::from_shape_fn((n, 3, cfg.image_size, cfg.image_size), |_| rng.random::<f32>())
 }
 
-fn peak_rss_mb() -> Option<f64> {
+fn status_mb(key: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -58,6 +58,11 @@ fn engine(c: &mut Criterion) {
     let (params, head) = random_model(&cfg);
     let x = images(batch, &cfg);
     let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
+    let mut phases = Vec::new();
+    let mut phase = |name: &str| {
+        phases.push(format!("{name}={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN)));
+    };
+    phase("random_weights");
 
     // Session creation (graph bytes cached after the first model; weights bound per model).
     let mut creation = Vec::new();
@@ -68,11 +73,15 @@ fn engine(c: &mut Criterion) {
         creation.push(t.elapsed());
     }
     creation.sort();
+    phase("after_3_session_creations");
     let mut model = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
+    phase("weights_bound");
     model.logits(x.view()).unwrap();
+    phase("forward_session_and_run");
     let t = Instant::now();
     model.loss_grad(x.view(), &labels).unwrap();
     let grad_session = t.elapsed();
+    phase("grad_session_and_run");
 
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Elements(batch as u64));
@@ -86,8 +95,9 @@ fn engine(c: &mut Criterion) {
         "engine-summary threads={threads} batch={batch} session_creation_s={:.3} first_grad_call_s={:.3} peak_rss_mb={:.0}",
         creation[1].as_secs_f64(),
         grad_session.as_secs_f64(),
-        peak_rss_mb().unwrap_or(f64::NAN)
+        status_mb("VmHWM:").unwrap_or(f64::NAN)
     );
+    println!("engine-memory {}", phases.join(" "));
 }
 
 criterion_group!(benches, engine);
