@@ -53,7 +53,8 @@ impl ClipTokenizer {
     /// (77 for CLIP).
     pub fn from_file(path: &Path, context_length: usize) -> Result<Self, TokenizerError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| TokenizerError::Read { path: shown.clone(), detail: e.to_string() })?;
+        let bytes =
+            std::fs::read(path).map_err(|e| TokenizerError::Read { path: shown.clone(), detail: e.to_string() })?;
         Self::from_bytes(&bytes, context_length, &shown)
     }
 
