@@ -1,6 +1,8 @@
 //! The mergeattack harness: everything a user touches (CLI, files, data, zoo, study, store, report).
 pub mod cli;
 pub mod commands;
+pub mod mergeconfig;
+pub mod synth;
 pub mod data;
 pub mod setup;
 pub mod study;

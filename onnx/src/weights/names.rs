@@ -27,12 +27,13 @@ pub enum Convention {
 
 impl Convention {
     /// Detect the convention from tensor names; `None` when no vision-encoder name is present.
-    pub fn detect<'n>(names: impl IntoIterator<Item = &'n str> + Clone) -> Option<Convention> {
-        if names.clone().into_iter().any(|n| n.starts_with("vision_model.")) {
+    pub fn detect<'n>(names: impl IntoIterator<Item = &'n str>) -> Option<Convention> {
+        let names: Vec<&str> = names.into_iter().collect();
+        if names.iter().any(|n| n.starts_with("vision_model.")) {
             Some(Convention::HfClip)
-        } else if names.clone().into_iter().any(|n| n.starts_with("visual.")) {
+        } else if names.iter().any(|n| n.starts_with("visual.")) {
             Some(Convention::OpenClip)
-        } else if names.into_iter().any(|n| HF_VISION_ROOTS.iter().any(|r| n.starts_with(r))) {
+        } else if names.iter().any(|n| HF_VISION_ROOTS.iter().any(|r| n.starts_with(r))) {
             Some(Convention::HfVision)
         } else {
             None
@@ -126,7 +127,7 @@ pub fn open_clip_to_hf<'a>(p: &ParamSet<'a>) -> Result<ParamSet<'a>, WeightsErro
         };
         let rows = t.shape().first().copied().unwrap_or(0);
         let ok_rank = if kind == "weight" { t.ndim() == 2 } else { t.ndim() == 1 };
-        if !ok_rank || rows == 0 || rows % 3 != 0 {
+        if !ok_rank || rows == 0 || !rows.is_multiple_of(3) {
             return Err(err(
                 name,
                 format!("expected a fused q/k/v {kind} with 3*width rows, got shape {:?}", t.shape()),
