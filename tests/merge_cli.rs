@@ -48,21 +48,30 @@ impl Fixture {
             assert!(!name.contains(".task"), "per-task output {name} left behind");
         }
     }
-    /// Write a copy of model 0 changed by `edit` as `name`; returns its path.
-    fn variant(&self, name: &str, edit: impl FnOnce(&mut Writer<'_>, &weights::Checkpoint)) -> PathBuf {
+    /// Write a copy of model 0 with tensor `name` replaced as `file`; returns its path.
+    fn variant(&self, file: &str, name: &str, with: Replace) -> PathBuf {
         let src = Checkpoint::open(&self.models[0]).unwrap();
-        let params = src.params().unwrap();
+        let mut params = src.params().unwrap();
+        params.remove(name);
         let mut w = Writer::new();
         w.params(&params, Dtype::F32);
         for n in src.non_float_names() {
             let (d, s, b) = src.raw(n).unwrap();
             w.raw(n, d, s, b);
         }
-        edit(&mut w, &src);
-        let p = self.path(name);
+        match &with {
+            Replace::Float(a) => w.float(name, a.view(), Dtype::F32),
+            Replace::Raw(d, shape, bytes) => w.raw(name, *d, shape, bytes),
+        };
+        let p = self.path(file);
         w.write(&p).unwrap();
         p
     }
+}
+
+enum Replace {
+    Float(ArrayD<f32>),
+    Raw(Dtype, Vec<usize>, Vec<u8>),
 }
 
 fn registered(method: &str) -> bool {
@@ -255,9 +264,7 @@ fn shape_mismatch() {
     let out = f.path("out.safetensors");
     let name = "vision_model.encoder.layers.0.mlp.fc1.weight";
     let reshaped = ArrayD::<f32>::zeros(IxDyn(&[64, 256]));
-    let p = f.variant("reshaped.safetensors", |w, _| {
-        w.float(name, reshaped.view(), Dtype::F32);
-    });
+    let p = f.variant("reshaped.safetensors", name, Replace::Float(reshaped));
     assert_fails(
         &f.merge_args("ties", &[f.models[1].clone(), p], &out, &[]),
         &[name, "[64, 256]", "[256, 64]", "reshaped.safetensors"],
@@ -271,9 +278,7 @@ fn non_float_tensor_where_a_float_is_merged() {
     let out = f.path("out.safetensors");
     let name = "vision_model.post_layernorm.bias";
     let ints = vec![0u8; 64 * 4];
-    let p = f.variant("ints.safetensors", |w, _| {
-        w.raw(name, Dtype::I32, &[64], &ints);
-    });
+    let p = f.variant("ints.safetensors", name, Replace::Raw(Dtype::I32, vec![64], ints));
     assert_fails(
         &f.merge_args("weight-average", &[f.models[1].clone(), p], &out, &[]),
         &[name, "I32", "ints.safetensors"],
@@ -289,9 +294,7 @@ fn nan_in_an_input() {
     let src = Checkpoint::open(&f.models[0]).unwrap();
     let mut t = src.tensor(name).unwrap().unwrap().into_owned();
     t[[5]] = f32::NAN;
-    let p = f.variant("nan.safetensors", |w, _| {
-        w.float(name, t.view(), Dtype::F32);
-    });
+    let p = f.variant("nan.safetensors", name, Replace::Float(t));
     assert_fails(
         &f.merge_args("task-arithmetic", &[f.models[1].clone(), p], &out, &[]),
         &[name, "nan.safetensors", "index 5"],
