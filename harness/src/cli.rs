@@ -39,6 +39,8 @@ pub enum Command {
     Data(commands::data::DataArgs),
     /// Tables, findings and plots (Markdown, CSV, JSON, SVG) from one or more results stores.
     Report(commands::report::ReportArgs),
+    /// Build the mini zoo of tiny CLIP-like models trained by the tool.
+    Zoo(commands::zoo::ZooArgs),
 }
 
 /// Parse arguments, run, and map errors to exit code 2 with one sentence.
@@ -54,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Setup(a) => commands::setup::run(a),
         Command::Data(a) => commands::data::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Zoo(a) => commands::zoo::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,3 +7,4 @@ pub mod data;
 pub mod setup;
 pub mod study;
 pub mod report;
+pub mod zoo;

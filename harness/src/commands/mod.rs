@@ -5,3 +5,4 @@ pub mod data;
 pub mod setup;
 pub mod report;
 pub mod export;
+pub mod zoo;

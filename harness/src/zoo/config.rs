@@ -1,0 +1,255 @@
+//! The zoo configuration (TOML), with the defaults of DATA.md.
+
+use serde::{Deserialize, Serialize};
+
+/// The seven mini-suite tasks, in order.
+pub const ALL_TASKS: [&str; 7] = ["digits", "fashion", "fashion-coarse", "animals", "optdigits", "emoji", "textures"];
+
+/// Which encoder tensors fine-tuning trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every encoder weight (what CLIP does).
+    All,
+    /// The last N transformer blocks, the post-LayerNorm and the projection (a change of regime).
+    Last(usize),
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Result<Scope, String> {
+        if s == "all" {
+            return Ok(Scope::All);
+        }
+        match s.strip_prefix("last:").map(str::parse::<usize>) {
+            Some(Ok(n)) if n >= 1 => Ok(Scope::Last(n)),
+            _ => Err(format!("finetune = `{s}` is not `all` or `last:N` with N >= 1")),
+        }
+    }
+
+    /// Whether tensor `name` is trained under this scope for a model with `layers` blocks.
+    pub fn trains(&self, name: &str, layers: usize) -> bool {
+        match *self {
+            Scope::All => true,
+            Scope::Last(n) => {
+                if name.starts_with("vision_model.post_layernorm") || name == "visual_projection.weight" {
+                    return true;
+                }
+                let Some(rest) = name.strip_prefix("vision_model.encoder.layers.") else { return false };
+                let l: usize = rest.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
+                l < layers && l + n >= layers
+            }
+        }
+    }
+
+    /// How reports name the regime.
+    pub fn describe(&self) -> String {
+        match *self {
+            Scope::All => "full fine-tuning (every encoder weight, as CLIP)".into(),
+            Scope::Last(n) => format!(
+                "later-block fine-tuning (last {n} block(s) + post-LayerNorm + projection; a change of regime from CLIP's full fine-tuning)"
+            ),
+        }
+    }
+}
+
+/// Everything that decides the zoo's bytes (hashed into the cache key).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZooConfig {
+    pub seed: u64,
+    pub tasks: Vec<String>,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub projection_dim: usize,
+    /// ORT intra-op threads (outputs do not depend on it).
+    pub threads: usize,
+    pub pretrain_steps: usize,
+    /// Images per SimCLR step (two views each).
+    pub pretrain_batch: usize,
+    pub pretrain_lr: f32,
+    pub pretrain_warmup: usize,
+    pub temperature: f32,
+    pub weight_decay: f32,
+    pub finetune: String,
+    pub finetune_steps: usize,
+    pub finetune_batch: usize,
+    pub finetune_lr: f32,
+    pub finetune_warmup: usize,
+    /// Test images per task used for the accuracy tables (0 = all).
+    pub eval_limit: usize,
+    /// Validation images per task used to choose task arithmetic's lambda (0 = all).
+    pub val_limit: usize,
+    /// TIES: share of entries kept and scale.
+    pub ties_k: f32,
+    pub ties_lambda: f32,
+    /// Task arithmetic: candidate lambdas (chosen on validation).
+    pub ta_lambdas: Vec<f32>,
+}
+
+impl Default for ZooConfig {
+    fn default() -> Self {
+        ZooConfig {
+            seed: 0,
+            tasks: ALL_TASKS.iter().map(|s| s.to_string()).collect(),
+            image_size: 32,
+            patch_size: 8,
+            width: 128,
+            layers: 4,
+            heads: 4,
+            mlp: 512,
+            projection_dim: 64,
+            threads: 2,
+            pretrain_steps: 600,
+            pretrain_batch: 128,
+            pretrain_lr: 1e-3,
+            pretrain_warmup: 50,
+            temperature: 0.2,
+            weight_decay: 0.0,
+            finetune: "last:2".into(),
+            finetune_steps: 300,
+            finetune_batch: 64,
+            finetune_lr: 1e-3,
+            finetune_warmup: 20,
+            eval_limit: 1000,
+            val_limit: 500,
+            ties_k: 0.2,
+            ties_lambda: 0.3,
+            ta_lambdas: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
+        }
+    }
+}
+
+impl ZooConfig {
+    /// The CI configuration: three tasks, few steps (under 3 minutes on 2 cores).
+    pub fn reduced() -> ZooConfig {
+        ZooConfig {
+            tasks: vec!["digits".into(), "fashion-coarse".into(), "textures".into()],
+            width: 64,
+            mlp: 256,
+            layers: 2,
+            heads: 2,
+            pretrain_steps: 40,
+            pretrain_batch: 64,
+            pretrain_warmup: 5,
+            finetune: "last:1".into(),
+            finetune_steps: 40,
+            finetune_batch: 32,
+            finetune_warmup: 4,
+            eval_limit: 300,
+            val_limit: 200,
+            ta_lambdas: vec![0.3, 0.6, 1.0],
+            ..ZooConfig::default()
+        }
+    }
+
+    pub fn from_toml(text: &str, path: &str) -> Result<ZooConfig, String> {
+        toml::from_str(text).map_err(|e| format!("zoo config {path}: {}", e.message()))
+    }
+
+    pub fn scope(&self) -> Result<Scope, String> {
+        Scope::parse(&self.finetune)
+    }
+
+    /// One sentence naming the first bad value.
+    pub fn validate(&self) -> Result<(), String> {
+        self.scope()?;
+        if self.tasks.is_empty() {
+            return Err("the zoo needs at least one task".into());
+        }
+        for t in &self.tasks {
+            if !ALL_TASKS.contains(&t.as_str()) {
+                return Err(format!("unknown mini-suite task `{t}` (known: {})", ALL_TASKS.join(", ")));
+            }
+        }
+        let pos = [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("width", self.width),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("mlp", self.mlp),
+            ("projection_dim", self.projection_dim),
+            ("threads", self.threads),
+            ("pretrain_batch", self.pretrain_batch),
+            ("finetune_batch", self.finetune_batch),
+        ];
+        for (k, v) in pos {
+            if v == 0 {
+                return Err(format!("zoo config key `{k}` must be at least 1"));
+            }
+        }
+        if self.width % self.heads != 0 {
+            return Err(format!("width {} is not divisible by heads {}", self.width, self.heads));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(format!("image_size {} is not divisible by patch_size {}", self.image_size, self.patch_size));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature {} must be positive", self.temperature));
+        }
+        for (k, v) in [("pretrain_lr", self.pretrain_lr), ("finetune_lr", self.finetune_lr)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("zoo config key `{k}` = {v} must be a positive number"));
+            }
+        }
+        if self.ta_lambdas.is_empty() {
+            return Err("ta_lambdas must hold at least one value".into());
+        }
+        if let Scope::Last(n) = self.scope()?
+            && n > self.layers
+        {
+            return Err(format!("finetune = `last:{n}` but the encoder has {} layers", self.layers));
+        }
+        Ok(())
+    }
+
+    /// The CLIP vision config of the zoo's models.
+    pub fn vision(&self) -> mergeattack_onnx::clip::ClipVisionConfig {
+        mergeattack_onnx::clip::ClipVisionConfig {
+            hidden_size: self.width,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            intermediate_size: self.mlp,
+            patch_size: self.patch_size,
+            image_size: self.image_size,
+            num_channels: 3,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: self.projection_dim,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_scope_selects_later_blocks() {
+        let c = ZooConfig::default();
+        c.validate().unwrap();
+        ZooConfig::reduced().validate().unwrap();
+        let s = Scope::parse("last:2").unwrap();
+        assert!(s.trains("vision_model.encoder.layers.3.mlp.fc1.weight", 4));
+        assert!(s.trains("vision_model.encoder.layers.2.layer_norm1.bias", 4));
+        assert!(!s.trains("vision_model.encoder.layers.1.mlp.fc1.weight", 4));
+        assert!(!s.trains("vision_model.embeddings.class_embedding", 4));
+        assert!(s.trains("visual_projection.weight", 4));
+        assert!(Scope::All.trains("vision_model.embeddings.class_embedding", 4));
+        assert!(Scope::parse("last:0").is_err());
+        assert!(Scope::parse("some").is_err());
+    }
+
+    #[test]
+    fn toml_overrides_and_unknown_keys_are_named() {
+        let c = ZooConfig::from_toml("finetune = \"all\"\npretrain_steps = 5\n", "z.toml").unwrap();
+        assert_eq!((c.finetune.as_str(), c.pretrain_steps, c.width), ("all", 5, 128));
+        let e = ZooConfig::from_toml("widht = 3\n", "z.toml").unwrap_err();
+        assert!(e.contains("widht") && e.contains("z.toml"), "{e}");
+        let bad = ZooConfig { tasks: vec!["cifar".into()], ..ZooConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("cifar"));
+    }
+}

@@ -1,0 +1,166 @@
+//! The mini zoo: tiny CLIP-like ViTs trained by the tool (DATA.md "The mini zoo").
+//!
+//! `build` pretrains a shared encoder with SimCLR, computes fixed class-mean heads, fine-tunes one
+//! model per task (head frozen) plus a second-seed reference, evaluates merges, and writes
+//! everything in the layout of a real CLIP pool, cached by a hash of suite, config and code version.
+
+pub mod augment;
+pub mod config;
+pub mod eval;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use mergeattack_core::tensor::ParamSet;
+use mergeattack_onnx::weights;
+use ndarray::Array2;
+use sha2::{Digest, Sha256};
+
+use config::ZooConfig;
+
+/// Bumped whenever training or evaluation code changes what a build produces.
+pub const ZOO_CODE_VERSION: &str = "zoo-1";
+
+/// The cache key: suite, config and code version.
+pub fn cache_key(suite: &str, cfg: &ZooConfig) -> String {
+    let mut h = Sha256::new();
+    h.update(b"mergeattack zoo\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(b"\0");
+    h.update(ZOO_CODE_VERSION.as_bytes());
+    h.update(b"\0");
+    h.update(suite.as_bytes());
+    h.update(b"\0");
+    h.update(serde_json::to_string(cfg).expect("config serialises").as_bytes());
+    let d = h.finalize();
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `build` did.
+pub enum Built {
+    /// A zoo with this key was already there.
+    Cached(PathBuf),
+    /// Trained now; the summary.
+    Trained(PathBuf, Box<eval::Summary>),
+}
+
+fn write_config(dir: &Path, cfg: &ZooConfig) -> Result<()> {
+    let mut v = serde_json::to_value(cfg.vision())?;
+    v["model_type"] = "clip_vision_model".into();
+    v["architectures"] = serde_json::json!(["CLIPVisionModelWithProjection"]);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| format!("write {}", dir.join("config.json").display()))
+}
+
+fn write_model(dir: &Path, cfg: &ZooConfig, params: &ParamSet<'_>, role: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    weights::save(dir.join("model.safetensors"), params, &[("format", "pt"), ("mergeattack_zoo", role)])
+        .with_context(|| format!("write {}", dir.join("model.safetensors").display()))?;
+    write_config(dir, cfg)
+}
+
+/// The key recorded in a finished zoo directory, if any.
+pub fn existing_key(out: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(out.join("summary.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
+    v.get("key")?.as_str().map(String::from)
+}
+
+/// Build (or find) the zoo for `cfg` from the mini-suite cache at `data_root` into `out`.
+pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path) -> Result<Built> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let key = cache_key("mini", cfg);
+    if out.exists() {
+        match existing_key(out) {
+            Some(k) if k == key => return Ok(Built::Cached(out.to_path_buf())),
+            Some(k) => bail!(
+                "{} holds a zoo built with another configuration (key {k}, wanted {key}): choose another --out or remove it",
+                out.display()
+            ),
+            None => bail!("{} exists and is not a finished zoo: choose another --out or remove it", out.display()),
+        }
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".zoo-building-")
+        .tempdir_in(parent)
+        .with_context(|| format!("create a temporary directory in {}", parent.display()))?;
+    let dir = tmp.path();
+    let mut times: Vec<(String, f64)> = Vec::new();
+
+    let t = Instant::now();
+    let tasks = train::load_tasks(data_root, cfg)?;
+    times.push(("data".into(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let (pretrained, losses) = train::pretrain(cfg, &tasks)?;
+    times.push(("pretraining".into(), t.elapsed().as_secs_f64()));
+    write_model(&dir.join("pretrained"), cfg, &pretrained, "pretrained")?;
+
+    let t = Instant::now();
+    let mut heads: Vec<Array2<f32>> = Vec::new();
+    for task in &tasks {
+        heads.push(train::class_head(cfg, &pretrained, task)?);
+    }
+    let mut hp = ParamSet::new();
+    for (task, h) in tasks.iter().zip(&heads) {
+        hp.insert_owned(task.name.clone(), h.clone().into_dyn());
+    }
+    weights::save(dir.join("heads.safetensors"), &hp, &[("format", "pt")]).context("write heads.safetensors")?;
+    times.push(("heads".into(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let pb = train::bar(2 * tasks.len() * cfg.finetune_steps, "fine-tuning");
+    let mut finetuned = Vec::new();
+    let mut reference = Vec::new();
+    for (task, head) in tasks.iter().zip(&heads) {
+        pb.set_message(format!("fine-tuning {}", task.name));
+        let ft = train::finetune(cfg, &pretrained, head.view(), task, "finetune", &pb)?;
+        write_model(&dir.join("finetuned").join(&task.name), cfg, &ft, "finetuned")?;
+        finetuned.push(ft);
+        pb.set_message(format!("reference {}", task.name));
+        let rf = train::finetune(cfg, &pretrained, head.view(), task, "reference", &pb)?;
+        write_model(&dir.join("reference").join(&task.name), cfg, &rf, "reference")?;
+        reference.push(rf);
+    }
+    pb.finish();
+    times.push(("fine-tuning".into(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let (rows, forgetting, ta_lambda, ta_validation) =
+        eval::evaluate(cfg, &tasks, &pretrained, &heads, &finetuned, &reference)?;
+    times.push(("evaluation".into(), t.elapsed().as_secs_f64()));
+    let (mean, gap_closed, bar, mean_forgetting) = eval::judge(&rows, &forgetting);
+    let summary = eval::Summary {
+        key: key.clone(),
+        regime: cfg.scope().map_err(anyhow::Error::msg)?.describe(),
+        config: cfg.clone(),
+        rows,
+        mean,
+        ta_lambda,
+        ta_validation,
+        gap_closed,
+        forgetting,
+        mean_forgetting,
+        bar,
+        times_s: times,
+        pretrain_loss_first_last: (
+            losses.first().copied().unwrap_or(f64::NAN),
+            losses.last().copied().unwrap_or(f64::NAN),
+        ),
+    };
+    std::fs::write(dir.join("summary.md"), eval::markdown(&summary)).context("write summary.md")?;
+    // Timings vary run to run: keep them out of the byte-compared summary.json, in times.json.
+    let mut js = serde_json::to_value(&summary)?;
+    js.as_object_mut().expect("object").remove("times_s");
+    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&js)? + "\n")
+        .context("write summary.json")?;
+    std::fs::write(dir.join("times.json"), serde_json::to_string_pretty(&summary.times_s)? + "\n")
+        .context("write times.json")?;
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).with_context(|| format!("move the finished zoo to {}", out.display()))?;
+    Ok(Built::Trained(out.to_path_buf(), Box::new(summary)))
+}
