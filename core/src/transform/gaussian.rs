@@ -79,18 +79,22 @@ impl GaussianKernel {
         let mut tmp = vec![0.0f32; h * w];
         for (plane, dst) in out.chunks_mut(h * w).enumerate() {
             let s = &src[plane * h * w..(plane + 1) * h * w];
-            // Rows: tmp[i][j] = sum_b k[b] s[i][j + b - p].
+            // Rows: tmp[i][j] = sum_b k[b] s[i][j + b - p], tap by tap (same summation order as a
+            // per-pixel loop over b, but contiguous and vectorisable).
             for i in 0..h {
                 let row = &s[i * w..(i + 1) * w];
                 let t = &mut tmp[i * w..(i + 1) * w];
-                for (j, tj) in t.iter_mut().enumerate() {
-                    let b0 = p.saturating_sub(j);
-                    let b1 = (w + p - j).min(k.len());
-                    let mut acc = 0.0f32;
-                    for b in b0..b1 {
-                        acc += k[b] * row[j + b - p];
+                t.fill(0.0);
+                for (b, &kb) in k.iter().enumerate() {
+                    let j0 = p.saturating_sub(b);
+                    let j1 = (w + p).saturating_sub(b).min(w);
+                    if j0 >= j1 {
+                        continue;
                     }
-                    *tj = acc;
+                    let src = &row[j0 + b - p..j1 + b - p];
+                    for (tj, sj) in t[j0..j1].iter_mut().zip(src) {
+                        *tj += kb * sj;
+                    }
                 }
             }
             // Columns: dst[i][j] = sum_a k[a] tmp[i + a - p][j], row by row.
