@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Merge benchmark on ViT-B/32-shaped checkpoints (88 M f32 parameters each, pretrained + 8
+# fine-tuned, generated once into target/bench-merge/, about 3.2 GB):
+#   1. seconds and effective GB/s per method, beside a memory-copy baseline (benches/merge.rs);
+#   2. peak RSS of one `mergeattack merge` run per method, measured with GNU time
+#      (`apt-get install -y time` if /usr/bin/time is missing).
+# Usage: scripts/bench-merge.sh            (needs ~4 GB of disk under target/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x /usr/bin/time ]; then
+    echo "GNU time is missing: apt-get install -y time" >&2
+    exit 1
+fi
+MERGEATTACK_BENCH_FULL=1 cargo bench --bench merge
+cargo build --release --quiet --bin mergeattack
+dir=target/bench-merge
+models=()
+for t in 0 1 2 3 4 5 6 7; do models+=("$dir/finetuned-$t.safetensors"); done
+echo "peak RSS of \`mergeattack merge\` (8 models):"
+for m in task-arithmetic ties emr dare tsv-m; do
+    log="$dir/time-$m.txt"
+    if /usr/bin/time -v target/release/mergeattack merge --method "$m" --base "$dir/pretrained.safetensors" \
+        --models "${models[@]}" -o "$dir/rss-$m.safetensors" >/dev/null 2>"$log"; then
+        rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$log")
+        wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$log")
+        printf '  %-16s %8.1f MB  (wall %s)\n' "$m" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')" "$wall"
+    else
+        printf '  %-16s failed: %s\n' "$m" "$(grep '^error' "$log" | head -1)"
+    fi
+    rm -f "$dir"/rss-"$m"*.safetensors
+done
