@@ -25,7 +25,7 @@ use crate::synth::{self, SynthConfig};
 /// ... in the order of `--models`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  mergeattack merge --method ties --base pre.safetensors --models a.safetensors b.safetensors --set k=0.2 -o ties.safetensors\n  mergeattack merge --config merge.yaml -o merged.safetensors\n\nYAML (mergekit style; paths relative to the file):\n  merge_method: task_arithmetic\n  base_model: pre.safetensors\n  models:\n    - model: a.safetensors\n      parameters: {weight: 1.0}\n    - model: b.safetensors\n  parameters: {lambda: 0.3}"
+    after_help = "Per-task methods (emr, tall-masks) write one file per fine-tuned model t next to OUT:\n  -o out/merged.safetensors gives out/merged.task0.safetensors, out/merged.task1.safetensors, ...\nBy default only the vision encoder is merged; other tensors are copied from the base (--set tensors=all merges all).\n\nExamples:\n  mergeattack merge --method ties --base pre.safetensors --models a.safetensors b.safetensors --set k=0.2 -o ties.safetensors\n  mergeattack merge --config merge.yaml -o merged.safetensors\n\nYAML (mergekit style; paths relative to the file):\n  merge_method: task_arithmetic\n  base_model: pre.safetensors\n  models:\n    - model: a.safetensors\n      parameters: {weight: 1.0}\n    - model: b.safetensors\n  parameters: {lambda: 0.3}"
 )]
 pub struct MergeArgs {
     /// Merge method (see `mergeattack methods`); aliases such as `task_arithmetic` work.
