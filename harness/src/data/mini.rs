@@ -108,6 +108,11 @@ pub struct MiniTask {
     pub train: Dataset,
     pub val: Dataset,
     pub test: Dataset,
+    /// Indices of each split's items in the task's pool (for emoji: base-emoji indices; train also
+    /// holds the variants of its bases), each sorted. The three lists are disjoint.
+    pub train_idx: Vec<usize>,
+    pub val_idx: Vec<usize>,
+    pub test_idx: Vec<usize>,
 }
 
 impl MiniTask {
@@ -230,6 +235,9 @@ fn three_way(task: &'static str, all: &Dataset, train_pool: &[usize], test: &[us
         train: all.subset(format!("mini:{task}:train"), &train),
         val: all.subset(format!("mini:{task}:val"), &val),
         test: all.subset(format!("mini:{task}:test"), test),
+        train_idx: train,
+        val_idx: val,
+        test_idx: test.to_vec(),
     })
 }
 
@@ -448,6 +456,9 @@ fn load_emoji(root: &Path) -> Result<MiniTask, DataError> {
         train: build("train", &train_u, true)?,
         val: build("val", &val_u, false)?,
         test: build("test", &test_u, false)?,
+        train_idx: train_u,
+        val_idx: val_u,
+        test_idx: test_u,
     })
 }
 
