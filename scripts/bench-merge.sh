@@ -12,7 +12,7 @@ if [ ! -x /usr/bin/time ]; then
     exit 1
 fi
 MERGEATTACK_BENCH_FULL=1 cargo bench --bench merge
-cargo build --release --quiet --bin mergeattack
+cargo build --release --quiet -p mergeattack-harness --bin mergeattack
 dir=target/bench-merge
 models=()
 for t in 0 1 2 3 4 5 6 7; do models+=("$dir/finetuned-$t.safetensors"); done
