@@ -253,7 +253,7 @@ fn load_digits(root: &Path) -> Result<MiniTask, DataError> {
         let p = setup::member_path(root, a, &format!("{d}.json"));
         let bytes = std::fs::read(&p).map_err(io_err(&p))?;
         let v: Digits = serde_json::from_slice(&bytes).map_err(|e| fmt_err(&p, format!("bad MNIST JSON ({e})")))?;
-        if v.data.len() % 784 != 0 {
+        if !v.data.len().is_multiple_of(784) {
             return Err(fmt_err(&p, format!("{} values is not a multiple of 784", v.data.len())));
         }
         pixels.extend(v.data.iter().map(|&x| (x * 255.0).round().clamp(0.0, 255.0) as u8));

@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(b.len(), 3);
         assert_eq!(b[2].images.shape(), &[1, 3, 2, 2]);
         assert_eq!(b[1].labels, vec![2, 1]);
-        assert_eq!(b[1].images[[0, 2, 1, 1]], 70.0 / 255.0);
+        assert_eq!(b[1].images[[0, 2, 1, 1]], 110.0 / 255.0); // item 2, pixel 3: (2 * 4 + 3) * 10
         assert_eq!(d.class_counts(), vec![2, 2, 1]);
     }
 
