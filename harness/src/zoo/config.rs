@@ -102,14 +102,14 @@ impl Default for ZooConfig {
             mlp: 512,
             projection_dim: 64,
             threads: 2,
-            pretrain_steps: 600,
-            pretrain_batch: 128,
+            pretrain_steps: 400,
+            pretrain_batch: 96,
             pretrain_lr: 1e-3,
             pretrain_warmup: 50,
             temperature: 0.2,
             weight_decay: 0.0,
             finetune: "last:2".into(),
-            finetune_steps: 300,
+            finetune_steps: 150,
             finetune_batch: 64,
             finetune_lr: 1e-3,
             finetune_warmup: 20,
@@ -131,11 +131,11 @@ impl ZooConfig {
             mlp: 256,
             layers: 2,
             heads: 2,
-            pretrain_steps: 40,
+            pretrain_steps: 150,
             pretrain_batch: 64,
-            pretrain_warmup: 5,
-            finetune: "last:1".into(),
-            finetune_steps: 40,
+            pretrain_warmup: 10,
+            finetune: "last:2".into(),
+            finetune_steps: 50,
             finetune_batch: 32,
             finetune_warmup: 4,
             eval_limit: 300,
@@ -181,10 +181,10 @@ impl ZooConfig {
                 return Err(format!("zoo config key `{k}` must be at least 1"));
             }
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(format!("width {} is not divisible by heads {}", self.width, self.heads));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(format!("image_size {} is not divisible by patch_size {}", self.image_size, self.patch_size));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {

@@ -79,7 +79,11 @@ fn merged<'a>(
     out.single().ok_or_else(|| anyhow!("{method} gave per-task models"))
 }
 
+/// The table rows, the forgetting matrix, the chosen TA lambda and the TA validation curve.
+pub type Evaluated = (Vec<TaskRow>, Vec<Vec<f64>>, f32, Vec<(f32, f64)>);
+
 /// Everything but the timings and key: the measurements.
+#[allow(clippy::needless_range_loop)]
 pub fn evaluate(
     cfg: &ZooConfig,
     tasks: &[TaskData],
@@ -87,7 +91,7 @@ pub fn evaluate(
     heads: &[Array2<f32>],
     finetuned: &[ParamSet<'static>],
     reference: &[ParamSet<'static>],
-) -> Result<(Vec<TaskRow>, Vec<Vec<f64>>, f32, Vec<(f32, f64)>)> {
+) -> Result<Evaluated> {
     let n = tasks.len();
     let acc =
         |p: &ParamSet<'_>, t: usize| accuracy(cfg, p, heads[t].view(), tasks[t].test.view(), &tasks[t].test_labels);

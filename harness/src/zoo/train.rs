@@ -81,19 +81,36 @@ fn normal(rng: &mut rand_chacha::ChaCha20Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
-/// Random initial weights: LayerNorm weight 1 / bias 0, other biases 0, the rest N(0, 0.02^2).
+/// Random initial weights as HF `CLIPVisionModel` initialises them (factor 1): LayerNorm weight 1 /
+/// bias 0, other biases 0, class embedding N(0, d^-1), patch and position embeddings N(0, 0.02^2),
+/// q/k/v and fc2 N(0, d^-1 (2L)^-1), out_proj N(0, d^-1), fc1 N(0, (2d)^-1), projection N(0, d^-1).
 pub fn init_params(vision: &ClipVisionConfig, seed: u64) -> ParamSet<'static> {
+    let d = vision.hidden_size as f32;
+    let l = vision.num_hidden_layers as f32;
+    let in_proj = d.powf(-0.5) * (2.0 * l).powf(-0.5);
     let mut p = ParamSet::new();
     for (name, shape) in vision_weight_shapes(vision) {
         let n: usize = shape.iter().product();
         let is_ln = name.contains("layer_norm") || name.contains("layrnorm") || name.contains("layernorm");
+        let std = if name.ends_with("class_embedding") {
+            d.powf(-0.5)
+        } else if name.contains("q_proj") || name.contains("k_proj") || name.contains("v_proj") || name.contains("fc2")
+        {
+            in_proj
+        } else if name.contains("out_proj") || name == "visual_projection.weight" {
+            d.powf(-0.5)
+        } else if name.contains("fc1") {
+            (2.0 * d).powf(-0.5)
+        } else {
+            0.02
+        };
         let data: Vec<f32> = if is_ln && name.ends_with(".weight") {
             vec![1.0; n]
         } else if name.ends_with(".bias") {
             vec![0.0; n]
         } else {
             let mut rng = stream(seed, &[b"zoo", b"init", name.as_bytes()]);
-            (0..n).map(|_| 0.02 * normal(&mut rng)).collect()
+            (0..n).map(|_| std * normal(&mut rng)).collect()
         };
         p.insert_owned(name, ArrayD::from_shape_vec(IxDyn(&shape), data).expect("shape"));
     }
@@ -280,6 +297,13 @@ pub fn finetune(
         }
         let lr = cosine_lr(step, cfg.finetune_steps, cfg.finetune_warmup, cfg.finetune_lr, 0.0);
         adam_step(&mut adam, &mut params, &names, &grads, 1.0 / b as f32, lr);
+        if step % 10 == 0 || step + 1 == cfg.finetune_steps {
+            tracing::debug!(
+                "{purpose} {} step {step}: mean cross-entropy {:.4}, lr {lr:.2e}",
+                task.name,
+                loss / b as f64
+            );
+        }
         pb.inc(1);
     }
     Ok(params)

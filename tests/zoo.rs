@@ -1,0 +1,113 @@
+//! `mergeattack zoo build --reduced` end to end (needs the mini-suite cache: `scripts/test.sh`
+//! runs `mergeattack setup` first): the layout of a CLIP pool, bitwise determinism across two
+//! builds, the cache hit on a rerun, fine-tuning beating pretrained+head, and a bad config named.
+
+use std::path::Path;
+
+use mergeattack_suite::run_cli;
+
+fn build(out: &Path) -> (i32, String, String) {
+    run_cli(["zoo", "build", "--reduced", "--out", out.to_str().unwrap()])
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in walk(dir) {
+        v.push(e.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+    }
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn reduced_zoo_is_deterministic_cached_and_fine_tuning_helps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (code, stdout, stderr) = build(&a);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("Regime:") && stdout.contains("Forgetting matrix"), "{stdout}");
+
+    // Layout of a real CLIP pool.
+    let tasks = ["digits", "fashion-coarse", "textures"];
+    let got = files(&a);
+    let mut want = vec!["heads.safetensors", "summary.json", "summary.md", "times.json"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    want.extend(["pretrained/config.json".into(), "pretrained/model.safetensors".into()]);
+    for role in ["finetuned", "reference"] {
+        for t in tasks {
+            want.push(format!("{role}/{t}/config.json"));
+            want.push(format!("{role}/{t}/model.safetensors"));
+        }
+    }
+    want.sort();
+    assert_eq!(got, want);
+    // The pieces load as what they claim to be: heads per task, weights with the config.
+    let heads = mergeattack_onnx::weights::Checkpoint::open(a.join("heads.safetensors")).unwrap();
+    let hp = heads.params().unwrap();
+    assert_eq!(hp.names().collect::<Vec<_>>(), vec!["digits", "fashion-coarse", "textures"]);
+    assert_eq!(hp.get("digits").unwrap().shape(), &[10, 64]);
+    assert_eq!(hp.get("fashion-coarse").unwrap().shape(), &[4, 64]);
+    let cfg = mergeattack_onnx::clip::ClipVisionConfig::from_file(&a.join("pretrained/config.json")).unwrap();
+    assert_eq!(
+        (cfg.image_size, cfg.patch_size, cfg.projection_dim, cfg.hidden_act.as_str()),
+        (32, 8, 64, "quick_gelu")
+    );
+    let v = mergeattack_onnx::runtime::VisionWeights::load(&a.join("finetuned/digits"), None, None).unwrap();
+    assert_eq!(v.config, cfg);
+
+    // Fine-tuning beats pretrained+head on every task of the reduced zoo.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    for row in summary["rows"].as_array().unwrap() {
+        let (pt, ft) = (row["pretrained_head"].as_f64().unwrap(), row["finetuned"].as_f64().unwrap());
+        assert!(ft > pt, "{}: fine-tuned {ft} vs pretrained+head {pt}", row["task"]);
+    }
+    assert_eq!(summary["forgetting"].as_array().unwrap().len(), 3);
+
+    // A rerun into the same directory finds it and returns at once.
+    let t = std::time::Instant::now();
+    let (code, stdout, stderr) = build(&a);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("already built"), "{stdout}");
+    assert!(t.elapsed().as_secs() < 20);
+
+    // A second build elsewhere: the same bytes, file by file (timings live in times.json).
+    let (code, _, stderr) = build(&b);
+    assert_eq!(code, 0, "{stderr}");
+    for f in files(&a).iter().filter(|f| f.as_str() != "times.json" && f.as_str() != "summary.md") {
+        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
+        assert!(x == y, "{f} differs between two builds");
+    }
+}
+
+#[test]
+fn bad_zoo_config_is_named_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("zoo.toml");
+    std::fs::write(&cfg, "finetune = \"some\"\n").unwrap();
+    let out = tmp.path().join("z");
+    let (code, _, stderr) =
+        run_cli(["zoo", "build", "--reduced", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.starts_with("error: ") && stderr.contains("some"), "{stderr}");
+    assert!(!out.exists());
+    let (code, _, stderr) = run_cli(["zoo", "build", "--tasks", "cifar", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cifar"), "{stderr}");
+    assert!(!out.exists());
+}
