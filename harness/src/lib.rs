@@ -1,10 +1,10 @@
 //! The mergeattack harness: everything a user touches (CLI, files, data, zoo, study, store, report).
 pub mod cli;
 pub mod commands;
-pub mod mergeconfig;
-pub mod synth;
 pub mod data;
+pub mod mergeconfig;
+pub mod report;
 pub mod setup;
 pub mod study;
-pub mod report;
+pub mod synth;
 pub mod zoo;

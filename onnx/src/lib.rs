@@ -4,6 +4,6 @@ pub mod clip;
 pub mod export;
 pub mod graph;
 pub mod library;
-pub mod runtime;
 pub mod proto;
+pub mod runtime;
 pub mod weights;
