@@ -3,5 +3,5 @@
 # every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo run --quiet --bin mergeattack -- setup
+cargo run --quiet -p mergeattack-harness --bin mergeattack -- setup
 cargo test --workspace "$@"
