@@ -5,7 +5,7 @@ use ndarray::{Array4, ArrayView4};
 use rand::RngExt;
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, linf_step};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, linf_step};
 use crate::classifier::Classifier;
 
 pub struct Bim;
@@ -13,10 +13,9 @@ pub struct Pgd;
 
 const PARAMS: &[&str] = &["eps", "alpha", "steps", "random-start"];
 
-fn configure(preset: Preset, cfg: &mut AttackConfig, random_start: bool) {
+fn configure(cfg: &mut AttackConfig, random_start: bool) {
     cfg.mu = 0.0;
     cfg.random_start = random_start;
-    let _ = preset;
 }
 
 /// The uniform start x_0 = clip01(x + U(-eps, eps)), one draw per element in (N, C, H, W) order.
@@ -55,14 +54,11 @@ impl Attack for Bim {
     fn summary(&self) -> &'static str {
         "iterative FGSM: x_{t+1} = Pi(x_t + alpha sign g_t), x_0 = x"
     }
-    fn norm(&self) -> Norm {
-        Norm::Linf
-    }
     fn params(&self) -> &'static [&'static str] {
         PARAMS
     }
-    fn configure(&self, preset: Preset, cfg: &mut AttackConfig) {
-        configure(preset, cfg, false);
+    fn configure(&self, _preset: Preset, cfg: &mut AttackConfig) {
+        configure(cfg, false);
     }
     fn craft(
         &self,
@@ -86,14 +82,11 @@ impl Attack for Pgd {
     fn summary(&self) -> &'static str {
         "BIM from a uniform random start x_0 = clip01(x + U(-eps, eps))"
     }
-    fn norm(&self) -> Norm {
-        Norm::Linf
-    }
     fn params(&self) -> &'static [&'static str] {
         PARAMS
     }
-    fn configure(&self, preset: Preset, cfg: &mut AttackConfig) {
-        configure(preset, cfg, true);
+    fn configure(&self, _preset: Preset, cfg: &mut AttackConfig) {
+        configure(cfg, true);
     }
     fn craft(
         &self,

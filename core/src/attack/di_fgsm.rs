@@ -5,7 +5,7 @@
 use ndarray::{Array4, ArrayView4};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, momentum_iterative};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, momentum_iterative};
 use crate::classifier::Classifier;
 
 pub struct DiFgsm;
@@ -19,9 +19,6 @@ impl Attack for DiFgsm {
     }
     fn summary(&self) -> &'static str {
         "diverse inputs: gradient through a random resize+pad (prob p), then the MI update"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         &["eps", "alpha", "steps", "mu", "di-prob", "di-variant", "resize-rate"]

@@ -3,7 +3,7 @@
 use ndarray::{Array4, ArrayView4, Zip};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, sign};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, sign};
 use crate::classifier::Classifier;
 
 pub struct Fgsm;
@@ -14,9 +14,6 @@ impl Attack for Fgsm {
     }
     fn summary(&self) -> &'static str {
         "one signed gradient step of size eps: x' = clip01(x + eps sign g)"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         &["eps"]

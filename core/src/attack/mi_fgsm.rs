@@ -5,7 +5,7 @@
 use ndarray::{Array4, ArrayView4};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, momentum_iterative};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, momentum_iterative};
 use crate::classifier::Classifier;
 
 pub struct MiFgsm;
@@ -22,9 +22,6 @@ impl Attack for MiFgsm {
     }
     fn summary(&self) -> &'static str {
         "momentum: m <- mu m + n(g), x <- Pi(x + alpha sign m)"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         PARAMS
@@ -53,9 +50,6 @@ impl Attack for NiFgsm {
     }
     fn summary(&self) -> &'static str {
         "MI with the gradient at the Nesterov look-ahead x + alpha mu m"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         PARAMS

@@ -530,8 +530,10 @@ pub trait Attack: Sync {
     }
     /// One line: the update rule.
     fn summary(&self) -> &'static str;
-    /// The budget's norm.
-    fn norm(&self) -> Norm;
+    /// The budget's norm (L-inf unless the attack says otherwise).
+    fn norm(&self) -> Norm {
+        Norm::Linf
+    }
     /// The keys of [`AttackConfig`] this attack reads (besides `quantize`).
     fn params(&self) -> &'static [&'static str];
     /// Adjust the preset's common defaults to this attack's.

@@ -5,7 +5,7 @@
 use ndarray::{Array4, ArrayView4, Zip};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, linf_step, look_ahead, momentum_update};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, linf_step, look_ahead, momentum_update};
 use crate::classifier::Classifier;
 use crate::transform::scale::scale_copy;
 
@@ -20,9 +20,6 @@ impl Attack for SiNiFgsm {
     }
     fn summary(&self) -> &'static str {
         "scale-invariant NI: gradient averaged over the copies x~ / 2^i of the look-ahead"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         &["eps", "alpha", "steps", "mu", "scales"]

@@ -5,7 +5,7 @@
 use ndarray::{Array4, ArrayView4};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Attack, AttackConfig, AttackError, Goal, Norm, Preset, momentum_iterative};
+use super::{Attack, AttackConfig, AttackError, Goal, Preset, momentum_iterative};
 use crate::classifier::Classifier;
 use crate::transform::gaussian::GaussianKernel;
 
@@ -20,9 +20,6 @@ impl Attack for TiFgsm {
     }
     fn summary(&self) -> &'static str {
         "translation-invariant: Gaussian-smoothed gradient (optionally through DI), MI update"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         &["eps", "alpha", "steps", "mu", "kernel-len", "nsig", "di-prob", "di-variant", "resize-rate"]

@@ -10,7 +10,7 @@
 use ndarray::{Array4, ArrayView4, Zip};
 use rand_chacha::ChaCha20Rng;
 
-use super::{Around, Attack, AttackConfig, AttackError, Goal, Norm, Preset, linf_step, look_ahead, momentum_update};
+use super::{Around, Attack, AttackConfig, AttackError, Goal, Preset, linf_step, look_ahead, momentum_update};
 use crate::classifier::Classifier;
 use crate::transform::scale::neighbour;
 
@@ -79,9 +79,6 @@ impl Attack for VmiFgsm {
     fn summary(&self) -> &'static str {
         "variance-tuned MI: n(g + v) into the momentum, v from N uniform neighbours of x_t"
     }
-    fn norm(&self) -> Norm {
-        Norm::Linf
-    }
     fn params(&self) -> &'static [&'static str] {
         &["eps", "alpha", "steps", "mu", "neighbours", "beta"]
     }
@@ -109,9 +106,6 @@ impl Attack for VniFgsm {
     }
     fn summary(&self) -> &'static str {
         "variance-tuned NI: VMI with the gradient at the Nesterov look-ahead"
-    }
-    fn norm(&self) -> Norm {
-        Norm::Linf
     }
     fn params(&self) -> &'static [&'static str] {
         &["eps", "alpha", "steps", "mu", "neighbours", "beta", "around"]
