@@ -3,6 +3,7 @@ pub mod cli;
 pub mod commands;
 pub mod data;
 pub mod mergeconfig;
+pub mod merging;
 pub mod report;
 pub mod setup;
 pub mod study;
