@@ -38,6 +38,9 @@ pub const GRAM_PREFIX: &str = "gram.";
 /// The class-embedding head and the logit scale.
 pub const HEAD: &str = "head.class_embeddings";
 pub const LOGIT_SCALE: &str = "logit_scale";
+/// The Representation Surgery weights (see [`VisionOutputs::surgery`]).
+pub const SURGERY_DOWN: &str = "surgery.down";
+pub const SURGERY_UP: &str = "surgery.up";
 
 /// Which scalar the weight gradients (`grad.*`) differentiate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +61,11 @@ pub struct VisionOutputs {
     pub features: bool,
     pub dw: Option<DwObjective>,
     pub grams: bool,
+    /// Representation Surgery (METHODS.md `+surgery`) of this rank: the projected image feature f
+    /// becomes f - W_up ReLU(W_down f) (weights [`SURGERY_DOWN`] `[rank, projection_dim]` and
+    /// [`SURGERY_UP`] `[projection_dim, rank]`) before the `features` output, the normalisation
+    /// and the head, so logits, loss and every gradient go through it. Not an output by itself.
+    pub surgery: Option<usize>,
 }
 
 impl VisionOutputs {
@@ -164,10 +172,13 @@ pub(crate) fn build_inner(
             cfg.num_channels
         )));
     }
+    if out.surgery == Some(0) {
+        return Err(ConfigError::Inconsistent("the surgery module has rank 0".into()));
+    }
     if out.needs_head() && num_classes == 0 {
         return Err(ConfigError::Inconsistent("the classification head has 0 classes".into()));
     }
-    if *out == VisionOutputs::default() {
+    if *out == (VisionOutputs { surgery: out.surgery, ..Default::default() }) {
         return Err(ConfigError::Inconsistent("no vision graph output was selected".into()));
     }
     let (c, hw, p, d) = (cfg.num_channels, cfg.image_size, cfg.patch_size, cfg.hidden_size);
@@ -286,7 +297,19 @@ pub(crate) fn build_inner(
         let pb = w(&mut g, "vision_model.post_layernorm.bias", &[d]);
         let pooled = g.layer_norm(cls_tok, pw, pb, eps);
         let proj = w(&mut g, "visual_projection.weight", &[cfg.projection_dim, d]);
-        let feat = g.linear(pooled, proj, None);
+        let mut feat = g.linear(pooled, proj, None);
+        if let Some(r) = out.surgery {
+            // f' = f - W_up ReLU(W_down f), ReLU as h * (h > 0).
+            let down = w(&mut g, SURGERY_DOWN, &[r, cfg.projection_dim]);
+            let up = w(&mut g, SURGERY_UP, &[cfg.projection_dim, r]);
+            let h = g.linear(feat, down, None);
+            let zero = g.scalar(0.0);
+            let pos = g.greater(h, zero);
+            let mask = g.cast(pos, float);
+            let a = g.mul(h, mask);
+            let corr = g.linear(a, up, None);
+            feat = g.sub(feat, corr);
+        }
         if out.features {
             g.output(feat, FEATURES);
         }
@@ -548,6 +571,81 @@ mod tests {
             let fd = (f[0] - f[1]) / (2.0 * h);
             assert!(close(o[1][j], fd, 2e-3), "{proj}[{j}]: {} vs finite difference {fd}", o[1][j]);
         }
+    }
+
+    #[test]
+    fn surgery_block_corrects_the_feature_and_its_gradients_match_finite_differences() {
+        let cfg = tiny();
+        let r = 3;
+        let outs = VisionOutputs {
+            loss: true,
+            dx: true,
+            features: true,
+            dw: Some(DwObjective::LossSum),
+            surgery: Some(r),
+            ..Default::default()
+        };
+        let g = build_vision(&cfg, CLASSES, &outs, ElemType::F64).unwrap();
+        let ext = g.external_initializers();
+        assert!(ext.contains(&SURGERY_DOWN.to_string()) && ext.contains(&SURGERY_UP.to_string()));
+        let w = weights(&g, 21);
+        let (px, labels, _) = inputs(22);
+        // The feature is f - up relu(down f), with f the feature of the same graph without surgery.
+        let plain = VisionOutputs { features: true, ..Default::default() };
+        let gp = build_vision(&cfg, CLASSES, &plain, ElemType::F64).unwrap();
+        let wp: Vec<(String, Vec<f64>)> = w.iter().filter(|(n, _)| gp.by_name(n).is_some()).cloned().collect();
+        let f = run(&mut session(&embed(&gp, &wp)), &feeds(&px, None, None), &[FEATURES]).remove(0);
+        let down = &w.iter().find(|(n, _)| n == SURGERY_DOWN).unwrap().1;
+        let up = &w.iter().find(|(n, _)| n == SURGERY_UP).unwrap().1;
+        let pd = cfg.projection_dim;
+        let mut names = vec![LOSS.to_string(), DX.to_string(), FEATURES.to_string()];
+        names.extend(w.iter().map(|(n, _)| format!("{GRAD_PREFIX}{n}")));
+        let nr: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = session(&embed(&g, &w));
+        let o = run(&mut s, &feeds(&px, Some(&labels), None), &nr);
+        let mut active = 0;
+        for i in 0..N {
+            let fi = &f[i * pd..(i + 1) * pd];
+            let a: Vec<f64> = (0..r).map(|k| (0..pd).map(|j| down[k * pd + j] * fi[j]).sum::<f64>().max(0.0)).collect();
+            active += a.iter().filter(|v| **v > 0.0).count();
+            for j in 0..pd {
+                let want = fi[j] - (0..r).map(|k| up[j * r + k] * a[k]).sum::<f64>();
+                assert!(close(o[2][i * pd + j], want, 1e-12), "feature [{i},{j}]");
+            }
+        }
+        assert!(active > 0 && active < N * r, "the test should see both ReLU branches ({active} active)");
+        let total = |s: &mut ort::session::Session, px: &[f64]| -> f64 {
+            run(s, &feeds(px, Some(&labels), None), &[LOSS])[0].iter().sum()
+        };
+        let h = 1e-6;
+        for j in [3, 50, 101, 250, 377] {
+            let mut p = px.clone();
+            p[j] += h;
+            let lp = total(&mut s, &p);
+            p[j] -= 2.0 * h;
+            let lm = total(&mut s, &p);
+            let fd = (lp - lm) / (2.0 * h);
+            assert!(close(o[1][j], fd, 1e-6), "dx[{j}]: {} vs finite difference {fd}", o[1][j]);
+        }
+        for name in [SURGERY_DOWN, SURGERY_UP] {
+            let k = w.iter().position(|(n, _)| n == name).unwrap();
+            for j in 0..w[k].1.len() {
+                let mut fv = [0.0; 2];
+                for (side, sign) in [1.0, -1.0].iter().enumerate() {
+                    let mut w2 = w.clone();
+                    w2[k].1[j] += sign * h;
+                    fv[side] = total(&mut session(&embed(&g, &w2)), &px);
+                }
+                let fd = (fv[0] - fv[1]) / (2.0 * h);
+                let an = o[3 + k][j];
+                assert!(close(an, fd, 1e-6), "grad.{name}[{j}]: {an} vs finite difference {fd}");
+            }
+        }
+        let e =
+            build_vision(&cfg, CLASSES, &VisionOutputs { surgery: Some(0), ..VisionOutputs::attack() }, ElemType::F64)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("rank 0"), "{e}");
     }
 
     #[test]
