@@ -41,6 +41,8 @@ pub enum Command {
     Report(commands::report::ReportArgs),
     /// Build the mini zoo of tiny CLIP-like models trained by the tool.
     Zoo(commands::zoo::ZooArgs),
+    /// Run a study: merges x datasets x attacks, every metric with intervals, resumable, then the report.
+    Study(commands::study::StudyArgs),
 }
 
 /// Parse arguments, run, and map errors to exit code 2 with one sentence.
@@ -57,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Data(a) => commands::data::run(a),
         Command::Report(a) => commands::report::run(a),
         Command::Zoo(a) => commands::zoo::run(a),
+        Command::Study(a) => commands::study::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,4 +5,5 @@ pub mod export;
 pub mod merge;
 pub mod report;
 pub mod setup;
+pub mod study;
 pub mod zoo;

@@ -97,7 +97,8 @@ attacks = [
 zoo = "mini"
 "#;
 
-/// The built-in smoke study: 2 tasks x 2 methods x 2 attacks, few images.
+/// The built-in smoke study (CI): 2 tasks x 2 methods x 2 attacks, few images, on the reduced
+/// (CI) configuration of the mini zoo built for its two tasks.
 pub const SMOKE_TOML: &str = r#"
 seed = 0
 device = "cpu"
@@ -118,7 +119,11 @@ attacks = [{ name = "fgsm" }, { name = "pgd" }]
 
 [models]
 zoo = "mini"
+zoo_config = "reduced"
 "#;
+
+/// The zoo configurations a study can name with `models.zoo_config`.
+pub const ZOO_CONFIGS: &[&str] = &["default", "reduced"];
 
 /// A configuration error: one sentence naming the file, the line and the key.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +155,10 @@ pub struct ModelPool {
     /// A built-in zoo (`mini`): pretrained, fine-tuned, reference models and heads come from it;
     /// explicit entries below override it.
     pub zoo: Option<String>,
+    /// Which configuration of the built-in zoo: `default` (absent) or `reduced` (the CI zoo). The
+    /// zoo is built for the study's tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zoo_config: Option<String>,
     pub pretrained: Option<String>,
     pub heads: Option<String>,
     /// Fine-tuned model per dataset name.
@@ -490,6 +499,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawModels {
     zoo: Option<Spanned<String>>,
+    zoo_config: Option<Spanned<String>>,
     pretrained: Option<String>,
     heads: Option<String>,
     #[serde(default)]
@@ -682,8 +692,24 @@ impl Validator<'_> {
                 ));
             }
         }
+        let zoo_config = match rm.zoo_config {
+            None => None,
+            Some(z) if zoo.is_none() => {
+                return self.err(z.span(), "models.zoo_config", "needs models.zoo (a built-in zoo) to apply to");
+            }
+            Some(z) if z.get_ref() == "default" => None,
+            Some(z) if ZOO_CONFIGS.contains(&z.get_ref().as_str()) => Some(z.get_ref().clone()),
+            Some(z) => {
+                return self.err(
+                    z.span(),
+                    "models.zoo_config",
+                    format!("unknown zoo configuration `{}` (known: {})", z.get_ref(), ZOO_CONFIGS.join(", ")),
+                );
+            }
+        };
         let models = ModelPool {
             zoo,
+            zoo_config,
             pretrained: rm.pretrained,
             heads: rm.heads,
             finetuned: rm.finetuned.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),

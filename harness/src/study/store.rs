@@ -124,6 +124,20 @@ fn schema() -> String {
     s
 }
 
+const SKIPPED_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS skipped (
+    config_hash TEXT NOT NULL, dataset TEXT NOT NULL, method TEXT NOT NULL, attack TEXT NOT NULL,
+    surrogate TEXT NOT NULL, eps TEXT NOT NULL, reason TEXT NOT NULL, run_id INTEGER,
+    PRIMARY KEY (config_hash, dataset, method, attack, surrogate, eps)
+);";
+
+/// A setting the runner skipped, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SkippedSetting {
+    pub config_hash: String,
+    pub key: SettingKey,
+    pub reason: String,
+}
+
 /// An open results store.
 pub struct Store {
     conn: Connection,
@@ -163,6 +177,10 @@ impl Store {
             SCHEMA_VERSION => {}
             found => return Err(StoreError::Version { path: path.to_path_buf(), found }),
         }
+        // Settings the runner could not run (e.g. a merge method not built yet), with the reason;
+        // a later run that finishes one deletes its row. Added without a version bump: stores
+        // written before it simply have no skipped settings.
+        store.conn.execute_batch(SKIPPED_SCHEMA).map_err(sql)?;
         Ok(store)
     }
 
@@ -209,7 +227,7 @@ impl Store {
             Some(ErrorCode::NotADatabase) => not("the file is not an SQLite database".into()),
             _ => self.sql(e),
         })?;
-        let ours = ["runs", "settings", "phases"];
+        let ours = ["runs", "settings", "phases", "skipped"];
         let foreign: Vec<&String> =
             tables.iter().filter(|t| !ours.contains(&t.as_str()) && !t.starts_with("sqlite_")).collect();
         if !foreign.is_empty() {
@@ -305,6 +323,20 @@ impl Store {
 
     /// Store one finished setting in one transaction (its row and its phase rows).
     pub fn insert(&mut self, config_hash: &str, rec: &SettingRecord) -> Result<(), StoreError> {
+        self.insert_timed(config_hash, rec, &[])
+    }
+
+    /// [`Store::insert`] with more phase rows than [`Phases`] holds (e.g. `load`, `metrics`), in
+    /// the same transaction; a `skipped` row of the same setting is deleted in it too.
+    pub fn insert_timed(
+        &mut self,
+        config_hash: &str,
+        rec: &SettingRecord,
+        extra_phases: &[(&str, f64)],
+    ) -> Result<(), StoreError> {
+        if let Some((name, v)) = extra_phases.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(StoreError::NonFinite { key: rec.key.to_string(), name: format!("seconds_{name}"), value: *v });
+        }
         if let Some((name, value)) = rec.first_non_finite() {
             return Err(StoreError::NonFinite { key: rec.key.to_string(), name, value });
         }
@@ -339,13 +371,18 @@ impl Store {
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.unchecked_transaction()?;
             tx.execute(&sql, params_from_iter(values.iter()))?;
-            for (phase, secs) in Phases::NAMES.iter().zip(rec.seconds.values()) {
+            let phases = Phases::NAMES.iter().copied().zip(rec.seconds.values()).chain(extra_phases.iter().copied());
+            for (phase, secs) in phases {
                 tx.execute(
                     "INSERT INTO phases (config_hash, dataset, method, attack, surrogate, eps, phase, seconds)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![config_hash, k.dataset, k.method, k.attack, k.surrogate, k.eps, phase, secs],
                 )?;
             }
+            tx.execute(
+                "DELETE FROM skipped WHERE config_hash=?1 AND dataset=?2 AND method=?3 AND attack=?4 AND surrogate=?5 AND eps=?6",
+                params![config_hash, k.dataset, k.method, k.attack, k.surrogate, k.eps],
+            )?;
             tx.commit()
         })();
         result.map_err(|e| match e.sqlite_error_code() {
@@ -422,11 +459,134 @@ impl Store {
         run().map_err(|e| self.sql(e))
     }
 
+    /// Record (or update the reason of) a setting that could not be run.
+    pub fn mark_skipped(&mut self, config_hash: &str, key: &SettingKey, reason: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO skipped (config_hash, dataset, method, attack, surrogate, eps, reason, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![config_hash, key.dataset, key.method, key.attack, key.surrogate, key.eps, reason, self.run_id],
+            )
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::DiskFull) => StoreError::Full { path: self.path.clone(), key: key.to_string() },
+                _ => self.sql(e),
+            })?;
+        Ok(())
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Every skipped setting that is not also finished, ordered by config hash and key.
+    pub fn skipped(&self) -> Result<Vec<SkippedSetting>, StoreError> {
+        if !self.has_table("skipped")? {
+            return Ok(Vec::new());
+        }
+        let run = || -> rusqlite::Result<Vec<SkippedSetting>> {
+            let mut st = self.conn.prepare(
+                "SELECT config_hash, dataset, method, attack, surrogate, eps, reason FROM skipped
+                 ORDER BY config_hash, dataset, method, attack, surrogate, eps",
+            )?;
+            st.query_map([], |r| {
+                Ok(SkippedSetting {
+                    config_hash: r.get(0)?,
+                    key: SettingKey {
+                        dataset: r.get(1)?,
+                        method: r.get(2)?,
+                        attack: r.get(3)?,
+                        surrogate: r.get(4)?,
+                        eps: r.get(5)?,
+                    },
+                    reason: r.get(6)?,
+                })
+            })?
+            .collect()
+        };
+        run().map_err(|e| self.sql(e))
+    }
+
+    /// Every phase row: (config hash, key) -> [(phase, seconds)] in phase-name order.
+    pub fn phases(&self) -> Result<PhaseRows, StoreError> {
+        let run = || -> rusqlite::Result<PhaseRows> {
+            let mut st = self.conn.prepare(
+                "SELECT config_hash, dataset, method, attack, surrogate, eps, phase, seconds FROM phases
+                 ORDER BY config_hash, dataset, method, attack, surrogate, eps, phase",
+            )?;
+            let mut out = PhaseRows::new();
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    SettingKey {
+                        dataset: r.get(1)?,
+                        method: r.get(2)?,
+                        attack: r.get(3)?,
+                        surrogate: r.get(4)?,
+                        eps: r.get(5)?,
+                    },
+                    r.get::<_, String>(6)?,
+                    r.get::<_, f64>(7)?,
+                ))
+            })?;
+            for row in rows {
+                let (h, k, p, s) = row?;
+                out.entry((h, k)).or_default().push((p, s));
+            }
+            Ok(out)
+        };
+        run().map_err(|e| self.sql(e))
+    }
+
+    /// The config hashes of the runs recorded in this store (sorted, distinct).
+    pub fn config_hashes(&self) -> Result<Vec<String>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<String>> {
+            let mut st = self
+                .conn
+                .prepare("SELECT config_hash FROM runs UNION SELECT config_hash FROM settings ORDER BY config_hash")?;
+            st.query_map([], |r| r.get::<_, String>(0))?.collect()
+        };
+        run().map_err(|e| self.sql(e))
+    }
+
     /// Run SQLite's integrity check; `Ok(true)` when the file is sound.
     pub fn integrity_ok(&self) -> Result<bool, StoreError> {
         let r: String = self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.sql(e))?;
         Ok(r == "ok")
     }
+}
+
+/// Phase rows by (config hash, setting key).
+pub type PhaseRows = std::collections::BTreeMap<(String, SettingKey), Vec<(String, f64)>>;
+
+/// The phase rows of several stores together (a setting found in two stores keeps the first's).
+pub fn read_phases(paths: &[PathBuf]) -> Result<PhaseRows, StoreError> {
+    let mut out = PhaseRows::new();
+    for p in paths {
+        for (k, v) in Store::open_read_only(p)?.phases()? {
+            out.entry(k).or_insert(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The skipped settings of several stores together, leaving out those finished in any of them.
+pub fn read_skipped(paths: &[PathBuf]) -> Result<Vec<SkippedSetting>, StoreError> {
+    let mut done: BTreeSet<(String, SettingKey)> = BTreeSet::new();
+    let mut skipped: BTreeSet<SkippedSetting> = BTreeSet::new();
+    for p in paths {
+        let s = Store::open_read_only(p)?;
+        for h in s.config_hashes()? {
+            for k in s.done_keys(&h)? {
+                done.insert((h.clone(), k));
+            }
+        }
+        skipped.extend(s.skipped()?);
+    }
+    Ok(skipped.into_iter().filter(|s| !done.contains(&(s.config_hash.clone(), s.key.clone()))).collect())
 }
 
 /// Read the settings of several stores together (e.g. the shards of one study), ordered by config
