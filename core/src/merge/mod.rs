@@ -13,15 +13,19 @@ use core::fmt;
 
 use crate::tensor::{ParamSet, TensorError};
 
+pub mod adamerging;
 mod breadcrumbs;
 mod common;
 mod consensus;
 mod dare;
 mod emr;
+pub mod fisher;
 mod iso_c;
 mod iso_cts;
 mod model_stock;
+pub mod regmean;
 mod slerp;
+pub mod surgery;
 mod tall_masks;
 mod task_arithmetic;
 mod ties;
