@@ -119,6 +119,8 @@ impl From<RuntimeError> for ModelError {
 #[derive(Clone)]
 pub struct BoundWeights {
     values: Vec<(String, Arc<DynValue>)>,
+    shapes: Vec<Vec<usize>>,
+    index: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for BoundWeights {
@@ -140,6 +142,7 @@ impl BoundWeights {
         // ort loads its default library on first use of its API: load the pinned one first.
         library::environment()?;
         let mut values = Vec::with_capacity(required.len());
+        let mut shapes = Vec::with_capacity(required.len());
         for (name, shape) in required {
             let Some(t) = params.get(name) else {
                 return Err(RuntimeError::MissingTensor {
@@ -165,8 +168,39 @@ impl BoundWeights {
             let value =
                 Tensor::from_array((shape.clone(), data)).map_err(RuntimeError::ort("create a weight tensor"))?;
             values.push((name.clone(), Arc::new(value.into_dyn())));
+            shapes.push(shape.clone());
         }
-        Ok(BoundWeights { values })
+        let index = values.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+        Ok(BoundWeights { values, shapes, index })
+    }
+
+    /// The bound value called `name`.
+    pub fn get(&self, name: &str) -> Option<&DynValue> {
+        self.index.get(name).map(|&i| &*self.values[i].1)
+    }
+
+    /// The shape `name` is bound with.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|&i| self.shapes[i].as_slice())
+    }
+
+    /// Overwrite the data of bound tensor `i` with `data` (same element count, standard order).
+    /// The value is written in place when no session holds it, else replaced by a new value.
+    fn overwrite(&mut self, i: usize, data: &ndarray::CowArray<'_, f32, IxDyn>) -> Result<(), RuntimeError> {
+        let slot = &mut self.values[i].1;
+        if let Some(v) = Arc::get_mut(slot) {
+            let (_, dst) = v.try_extract_tensor_mut::<f32>().map_err(RuntimeError::ort("write a weight tensor"))?;
+            match data.as_slice() {
+                Some(src) => dst.copy_from_slice(src),
+                None => dst.iter_mut().zip(data.iter()).for_each(|(d, s)| *d = *s),
+            }
+        } else {
+            let flat: Vec<f32> = data.iter().copied().collect();
+            let value = Tensor::from_array((self.shapes[i].clone(), flat))
+                .map_err(RuntimeError::ort("create a weight tensor"))?;
+            *slot = Arc::new(value.into_dyn());
+        }
+        Ok(())
     }
 
     /// Names of the bound tensors.
@@ -231,14 +265,8 @@ fn register_device(
     }
 }
 
-/// A session for the graph `bytes` with `weights` as external initializers.
-/// `required` names the external initializers the graph declares (all of `weights` when `None`).
-pub fn create_session(
-    bytes: &[u8],
-    weights: &BoundWeights,
-    required: Option<&[(String, Vec<usize>)]>,
-    opts: &RuntimeOptions,
-) -> Result<Session, RuntimeError> {
+/// A session builder with `opts`' threads, deterministic compute and no spinning.
+fn session_builder(opts: &RuntimeOptions) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
     let env = library::environment()?;
     if opts.threads == 0 {
         return Err(RuntimeError::Options("--threads must be at least 1".into()));
@@ -249,6 +277,31 @@ pub fn create_session(
     b = b.with_inter_threads(1).map_err(|e| RuntimeError::ort("set the thread count")(e.into()))?;
     b = b.with_deterministic_compute(true).map_err(|e| RuntimeError::ort("ask for deterministic compute")(e.into()))?;
     b = b.with_intra_op_spinning(false).map_err(|e| RuntimeError::ort("turn off spinning")(e.into()))?;
+    // MatMulScaleFusion folds a constant scale into a MatMul (one rounding instead of two). It
+    // fires on `exp(logit_scale)` only when the scale is a bound initializer, so without this a
+    // model with fed weights (Model::update_weights) would differ from a fresh one in the last
+    // bits of its gradients.
+    b = b
+        .with_disabled_optimizers("MatMulScaleFusion")
+        .map_err(|e| RuntimeError::ort("disable an optimizer")(e.into()))?;
+    Ok(b)
+}
+
+/// A session for a graph whose weights are graph inputs (fed with every run).
+fn create_fed_session(bytes: &[u8], opts: &RuntimeOptions) -> Result<Session, RuntimeError> {
+    let (mut b, _used) = register_device(session_builder(opts)?, opts.device)?;
+    b.commit_from_memory(bytes).map_err(RuntimeError::ort("create a session"))
+}
+
+/// A session for the graph `bytes` with `weights` as external initializers.
+/// `required` names the external initializers the graph declares (all of `weights` when `None`).
+pub fn create_session(
+    bytes: &[u8],
+    weights: &BoundWeights,
+    required: Option<&[(String, Vec<usize>)]>,
+    opts: &RuntimeOptions,
+) -> Result<Session, RuntimeError> {
+    let mut b = session_builder(opts)?;
     let chosen: Vec<&(String, Arc<DynValue>)> = match required {
         None => weights.values.iter().collect(),
         Some(req) => req
@@ -534,6 +587,8 @@ type GraphKey = (String, usize, Purpose);
 /// A serialised graph with the external initializers it needs and its output names.
 struct CachedGraph {
     bytes: Vec<u8>,
+    /// The same graph with the weights as inputs (for models whose weights are updated).
+    fed_bytes: Vec<u8>,
     required: Vec<(String, Vec<usize>)>,
     outputs: Vec<String>,
 }
@@ -547,7 +602,12 @@ fn cached_graph(cfg: &ClipVisionConfig, classes: usize, purpose: Purpose) -> Res
         return Ok(Arc::clone(g));
     }
     let g = vision::build_vision(cfg, classes, &purpose.outputs(), ElemType::F32)?;
-    let entry = Arc::new(CachedGraph { bytes: g.to_bytes(), required: external_shapes(&g), outputs: g.output_names() });
+    let entry = Arc::new(CachedGraph {
+        bytes: g.to_bytes(),
+        fed_bytes: g.to_bytes_weights_as_inputs(),
+        required: external_shapes(&g),
+        outputs: g.output_names(),
+    });
     cache.lock().expect("graph cache").insert(key, Arc::clone(&entry));
     Ok(entry)
 }
@@ -566,7 +626,10 @@ pub struct Model {
     classes: usize,
     opts: RuntimeOptions,
     weights: BoundWeights,
-    sessions: HashMap<Purpose, Session>,
+    sessions: HashMap<Purpose, (Session, Arc<CachedGraph>)>,
+    /// Weights are fed as inputs with every run (after [`Model::update_weights`]) instead of
+    /// being bound as initializers at session creation.
+    fed: bool,
     name: String,
 }
 
@@ -597,7 +660,7 @@ impl Model {
         let classes = head.nrows();
         let hint = missing_hint;
         let weights = BoundWeights::bind(&all_vision_weights(&config, classes), &all, name, hint)?;
-        Ok(Model { config, classes, opts, weights, sessions: HashMap::new(), name: name.into() })
+        Ok(Model { config, classes, opts, weights, sessions: HashMap::new(), fed: false, name: name.into() })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
@@ -630,15 +693,68 @@ impl Model {
     }
 
     /// Create the session for `purpose` now (it is otherwise made on first use).
-    fn session(&mut self, purpose: Purpose) -> Result<&mut Session, RuntimeError> {
+    fn session(&mut self, purpose: Purpose) -> Result<(), RuntimeError> {
         if !self.sessions.contains_key(&purpose) {
             let graph = cached_graph(&self.config, self.classes, purpose)?;
             let t = std::time::Instant::now();
-            let s = create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?;
+            let s = if self.fed {
+                create_fed_session(&graph.fed_bytes, &self.opts)?
+            } else {
+                create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?
+            };
             tracing::debug!("{:?} session for {} in {:.2?}", purpose, self.name, t.elapsed());
-            self.sessions.insert(purpose, s);
+            self.sessions.insert(purpose, (s, graph));
         }
-        Ok(self.sessions.get_mut(&purpose).expect("inserted"))
+        Ok(())
+    }
+
+    /// Replace the values of some or all weights (HF names as in [`Model::from_params`], plus
+    /// [`HEAD`] and [`LOGIT_SCALE`]) without rebuilding the sessions: the first call switches the
+    /// model to sessions whose weights are graph inputs fed with every run (made once, on first
+    /// use, like the others), and later calls only copy the new values into the bound tensors.
+    /// Outputs afterwards are bitwise those of a model built from scratch with the new weights and
+    /// then updated (the fed sessions run the same graph; ONNX Runtime computes identically
+    /// whether a weight is bound or fed, which the tests check).
+    ///
+    /// Every tensor of `params` must be a weight of the model with its bound shape (a `[1]`
+    /// logit_scale is taken as the scalar) and finite; otherwise nothing changes and the error
+    /// names the tensor.
+    pub fn update_weights(&mut self, params: &ParamSet<'_>) -> Result<(), RuntimeError> {
+        let source = format!("the weight update of {}", self.name);
+        let mut slots = Vec::with_capacity(params.len());
+        for (name, t) in params.iter() {
+            let Some(&i) = self.weights.index.get(name) else {
+                return Err(RuntimeError::Input(format!(
+                    "tensor `{name}` in {source} is not a weight of the model (expected HF CLIP vision names, \
+                     `{HEAD}` or `{LOGIT_SCALE}`)"
+                )));
+            };
+            let want = &self.weights.shapes[i];
+            let scalar = name == LOGIT_SCALE && want.is_empty() && t.len() == 1 && t.ndim() == 1;
+            if t.shape() != want.as_slice() && !scalar {
+                return Err(RuntimeError::TensorShape {
+                    name: name.into(),
+                    source_name: source,
+                    expected: want.clone(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            if let Some(index) = t.iter().position(|v| !v.is_finite()) {
+                return Err(RuntimeError::Input(format!(
+                    "tensor `{name}` in {source} holds a NaN or infinite value at flat index {index}"
+                )));
+            }
+            slots.push((i, t));
+        }
+        if !self.fed {
+            // Sessions made so far hold the old values as initializers.
+            self.sessions.clear();
+            self.fed = true;
+        }
+        for (i, t) in slots {
+            self.weights.overwrite(i, t)?;
+        }
+        Ok(())
     }
 
     /// Create the forward session now (session creation is otherwise lazy); returns its duration.
@@ -720,7 +836,18 @@ impl Model {
             let dv = TensorRef::from_array_view(d_std.view()).map_err(RuntimeError::ort("wrap dlogits"))?;
             inputs.push(("dlogits".into(), dv.into()));
         }
-        let session = self.session(purpose)?;
+        self.session(purpose)?;
+        let (session, graph) = self.sessions.get_mut(&purpose).expect("made above");
+        if self.fed {
+            for (name, _) in &graph.required {
+                let v = self.weights.get(name).ok_or_else(|| RuntimeError::MissingTensor {
+                    name: name.clone(),
+                    source_name: "the bound weights".into(),
+                    hint: String::new(),
+                })?;
+                inputs.push((name.clone().into(), v.into()));
+            }
+        }
         let out = session.run(inputs).map_err(RuntimeError::ort("run the model"))?;
         let mut res = Vec::with_capacity(outputs.len());
         for name in outputs {
@@ -966,6 +1093,106 @@ mod tests {
             assert_eq!(na, nc);
             assert!(ta.iter().zip(tc.iter()).all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs())), "{na}");
         }
+    }
+
+    /// `params` with every tensor whose name contains `part` shifted by a deterministic pattern.
+    fn perturbed(params: &ParamSet<'_>, part: &str, amount: f32) -> ParamSet<'static> {
+        let mut out = ParamSet::new();
+        for (n, t) in params.iter() {
+            if n.contains(part) {
+                let mut a = t.to_owned();
+                a.iter_mut().enumerate().for_each(|(i, v)| *v += amount * (((i * 7919) % 13) as f32 - 6.0) / 6.0);
+                out.insert_owned(n, a);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn updated_weights_give_bitwise_the_outputs_of_a_fresh_model() {
+        let (w, head, mut m) = tiny(RuntimeOptions { batch_size: 3, ..Default::default() });
+        let x = images(5);
+        let labels = [0, 1, 2, 3, 4];
+        let before = m.loss_grad(x.view(), &labels).unwrap();
+        // A subset (one layer's MLP), then everything: each time equal to a model built afresh.
+        let mut current = w.params.clone();
+        for (part, amount) in
+            [("vision_model.encoder.layers.1.mlp", 0.05f32), ("vision_model", 0.02), ("visual_projection", 0.1)]
+        {
+            let delta = perturbed(&current, part, amount);
+            assert!(!delta.is_empty(), "{part}");
+            m.update_weights(&delta).unwrap();
+            for (n, t) in delta.iter() {
+                current.insert_owned(n, t.to_owned());
+            }
+            let mut fresh =
+                Model::from_params(w.config.clone(), &current, head.view(), m.options().clone(), "fresh").unwrap();
+            let (got, want) = (m.loss_grad(x.view(), &labels).unwrap(), fresh.loss_grad(x.view(), &labels).unwrap());
+            assert_eq!(got.logits, want.logits, "{part}");
+            assert_eq!(got.loss, want.loss, "{part}");
+            assert_eq!(got.grad, want.grad, "{part}");
+            assert_ne!(got.logits, before.logits, "{part}: the update changed the outputs");
+            assert_eq!(m.forward(x.view()).unwrap(), fresh.forward(x.view()).unwrap(), "{part}");
+            let sel = Some(&["vision_model.encoder.layers.0.mlp.fc1.weight", "visual_projection.weight"][..]);
+            let (lg, g) = m.weight_grads(x.view(), &labels, sel).unwrap();
+            let (lw, gw) = fresh.weight_grads(x.view(), &labels, sel).unwrap();
+            assert_eq!(lg.to_bits(), lw.to_bits(), "{part}");
+            assert_eq!(g, gw, "{part}");
+        }
+        // The head and the scale are weights too; a [1]-shaped scale is taken as the scalar.
+        let mut hs = ParamSet::new();
+        let head2 = head.mapv(|v| v * 0.5 + 0.01);
+        hs.insert_owned(HEAD, head2.clone().into_dyn());
+        hs.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[1]), 3.0f32));
+        m.update_weights(&hs).unwrap();
+        current.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), 3.0f32));
+        let mut fresh =
+            Model::from_params(w.config.clone(), &current, head2.view(), m.options().clone(), "fresh").unwrap();
+        assert_eq!(m.logits(x.view()).unwrap(), fresh.logits(x.view()).unwrap());
+        // Fed weights: outputs do not depend on the thread count either.
+        let (_, _, mut one) = tiny(RuntimeOptions { threads: 1, batch_size: 3, ..Default::default() });
+        let mut all = perturbed(&current, "vis", 0.0);
+        all.insert_owned(HEAD, head2.into_dyn());
+        all.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), 3.0f32));
+        one.update_weights(&all).unwrap();
+        let (a, b) = (one.loss_grad(x.view(), &labels).unwrap(), m.loss_grad(x.view(), &labels).unwrap());
+        assert_eq!((a.logits, a.grad), (b.logits, b.grad));
+        // Back to the start: the first outputs again.
+        let mut back = perturbed(&w.params, "vis", 0.0);
+        assert!(back.contains("visual_projection.weight") && back.contains("vision_model.pre_layrnorm.bias"));
+        back.insert_owned(HEAD, head.clone().into_dyn());
+        let scale = w.params.get(LOGIT_SCALE).map_or(DEFAULT_LOGIT_SCALE, |t| t.iter().copied().next().unwrap());
+        back.insert_owned(LOGIT_SCALE, ArrayD::from_elem(IxDyn(&[]), scale));
+        m.update_weights(&back).unwrap();
+        assert_eq!(m.loss_grad(x.view(), &labels).unwrap().grad, before.grad);
+    }
+
+    #[test]
+    fn bad_weight_updates_are_named_and_change_nothing() {
+        let (w, _, mut m) = tiny(RuntimeOptions::default());
+        let x = images(2);
+        let want = m.logits(x.view()).unwrap();
+        let good = perturbed(&w.params, "vision_model.encoder.layers.0", 0.1);
+        let mut bad = good.clone();
+        bad.insert_owned("vision_model.encoder.layers.9.mlp.fc1.weight", ArrayD::zeros(IxDyn(&[2, 2])));
+        let e = m.update_weights(&bad).unwrap_err().to_string();
+        assert!(e.contains("`vision_model.encoder.layers.9.mlp.fc1.weight`") && e.contains("not a weight"), "{e}");
+        let mut bad = good.clone();
+        bad.insert_owned("vision_model.encoder.layers.0.mlp.fc1.bias", ArrayD::zeros(IxDyn(&[3])));
+        let e = m.update_weights(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("`vision_model.encoder.layers.0.mlp.fc1.bias` has shape [3]") && e.contains("needs [64]"),
+            "{e}"
+        );
+        let mut bad = good.clone();
+        let mut t = bad.get("vision_model.encoder.layers.0.layer_norm1.weight").unwrap().to_owned();
+        t[[5]] = f32::INFINITY;
+        bad.insert_owned("vision_model.encoder.layers.0.layer_norm1.weight", t);
+        let e = m.update_weights(&bad).unwrap_err().to_string();
+        assert!(e.contains("layer_norm1.weight") && e.contains("NaN or infinite value at flat index 5"), "{e}");
+        assert_eq!(m.logits(x.view()).unwrap(), want, "failed updates leave the weights alone");
+        m.update_weights(&good).unwrap();
+        assert_ne!(m.logits(x.view()).unwrap(), want);
     }
 
     #[test]

@@ -1090,6 +1090,24 @@ impl Graph {
 
     /// The graph as an ONNX model (opset 21, IR 10).
     pub fn to_model(&self) -> proto::ModelProto {
+        self.to_model_with(false)
+    }
+
+    /// The graph as an ONNX model whose external initializers (the weights) are graph inputs
+    /// instead, declared after the other inputs in initializer order: the weights are then fed with
+    /// every run, so one session serves any number of weight sets (see
+    /// `runtime::Model::update_weights`).
+    pub fn to_model_weights_as_inputs(&self) -> proto::ModelProto {
+        self.to_model_with(true)
+    }
+
+    /// Serialised [`Graph::to_model_weights_as_inputs`].
+    pub fn to_bytes_weights_as_inputs(&self) -> Vec<u8> {
+        use prost::Message;
+        self.to_model_weights_as_inputs().encode_to_vec()
+    }
+
+    fn to_model_with(&self, weights_as_inputs: bool) -> proto::ModelProto {
         let mut used = vec![false; self.values.len()];
         for n in &self.nodes {
             for i in &n.inputs {
@@ -1116,7 +1134,7 @@ impl Graph {
         let initializer = self
             .inits
             .iter()
-            .filter(|i| used[i.value.0] || i.data.is_none())
+            .filter(|i| (used[i.value.0] || i.data.is_none()) && !(weights_as_inputs && i.data.is_none()))
             .map(|i| {
                 let vd = &self.values[i.value.0];
                 let dims: Vec<i64> =
@@ -1147,7 +1165,13 @@ impl Graph {
             name: self.name.clone(),
             initializer,
             doc_string: String::new(),
-            input: self.inputs.iter().map(|&v| self.value_info(v, &self.name(v), true)).collect(),
+            input: self
+                .inputs
+                .iter()
+                .copied()
+                .chain(self.inits.iter().filter(|i| weights_as_inputs && i.data.is_none()).map(|i| i.value))
+                .map(|v| self.value_info(v, &self.name(v), true))
+                .collect(),
             output: self
                 .outputs
                 .iter()
