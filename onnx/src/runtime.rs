@@ -526,7 +526,11 @@ fn model_params<'p>(
     }
     let mut all = ParamSet::new();
     for (n, t) in params.iter() {
-        if n.starts_with("vision_model.") || n == "visual_projection.weight" || n == LOGIT_SCALE {
+        if n.starts_with("vision_model.")
+            || n == "visual_projection.weight"
+            || n == LOGIT_SCALE
+            || n.starts_with("surgery.")
+        {
             all.insert_view(n, t.view());
         }
     }
@@ -559,8 +563,8 @@ enum Purpose {
 }
 
 impl Purpose {
-    fn outputs(self) -> VisionOutputs {
-        let mut o = VisionOutputs { logits: true, ..Default::default() };
+    fn outputs(self, surgery: Option<usize>) -> VisionOutputs {
+        let mut o = VisionOutputs { logits: true, surgery, ..Default::default() };
         match self {
             Purpose::Forward => o.features = true,
             Purpose::LossGrad => {
@@ -582,7 +586,7 @@ impl Purpose {
     }
 }
 
-type GraphKey = (String, usize, Purpose);
+type GraphKey = (String, usize, Option<usize>, Purpose);
 
 /// A serialised graph with the external initializers it needs and its output names.
 struct CachedGraph {
@@ -593,15 +597,20 @@ struct CachedGraph {
     outputs: Vec<String>,
 }
 
-/// The graph for an architecture, class count and purpose, built once per process.
-fn cached_graph(cfg: &ClipVisionConfig, classes: usize, purpose: Purpose) -> Result<Arc<CachedGraph>, RuntimeError> {
+/// The graph for an architecture, class count, surgery rank and purpose, built once per process.
+fn cached_graph(
+    cfg: &ClipVisionConfig,
+    classes: usize,
+    surgery: Option<usize>,
+    purpose: Purpose,
+) -> Result<Arc<CachedGraph>, RuntimeError> {
     static CACHE: OnceLock<Mutex<HashMap<GraphKey, Arc<CachedGraph>>>> = OnceLock::new();
-    let key = (serde_json::to_string(cfg).expect("config serialises"), classes, purpose);
+    let key = (serde_json::to_string(cfg).expect("config serialises"), classes, surgery, purpose);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(g) = cache.lock().expect("graph cache").get(&key) {
         return Ok(Arc::clone(g));
     }
-    let g = vision::build_vision(cfg, classes, &purpose.outputs(), ElemType::F32)?;
+    let g = vision::build_vision(cfg, classes, &purpose.outputs(surgery), ElemType::F32)?;
     let entry = Arc::new(CachedGraph {
         bytes: g.to_bytes(),
         fed_bytes: g.to_bytes_weights_as_inputs(),
@@ -620,10 +629,27 @@ pub fn all_vision_weights(cfg: &ClipVisionConfig, classes: usize) -> Vec<(String
     v
 }
 
+/// [`all_vision_weights`] plus the Representation Surgery module of rank `surgery`, if any
+/// (`surgery.down` `[rank, projection_dim]`, `surgery.up` `[projection_dim, rank]`).
+pub fn all_vision_weights_with_surgery(
+    cfg: &ClipVisionConfig,
+    classes: usize,
+    surgery: Option<usize>,
+) -> Vec<(String, Vec<usize>)> {
+    let mut v = all_vision_weights(cfg, classes);
+    if let Some(r) = surgery {
+        v.push((vision::SURGERY_DOWN.into(), vec![r, cfg.projection_dim]));
+        v.push((vision::SURGERY_UP.into(), vec![cfg.projection_dim, r]));
+    }
+    v
+}
+
 /// A CLIP vision classifier on ONNX Runtime.
 pub struct Model {
     config: ClipVisionConfig,
     classes: usize,
+    /// Rank of the Representation Surgery block applied to the feature (`surgery.*` weights).
+    surgery: Option<usize>,
     opts: RuntimeOptions,
     weights: BoundWeights,
     sessions: HashMap<Purpose, (Session, Arc<CachedGraph>)>,
@@ -658,9 +684,24 @@ impl Model {
         }
         let all = model_params(&config, params, head, name)?;
         let classes = head.nrows();
+        // A `surgery.down` [rank, projection_dim] turns the surgery block on (`surgery.up` is then
+        // required with shape [projection_dim, rank]; the binding below names what is wrong).
+        let surgery = match all.get(vision::SURGERY_DOWN) {
+            None => None,
+            Some(t) if t.ndim() == 2 && t.shape()[0] > 0 => Some(t.shape()[0]),
+            Some(t) => {
+                return Err(RuntimeError::TensorShape {
+                    name: vision::SURGERY_DOWN.into(),
+                    source_name: name.into(),
+                    expected: vec![1, config.projection_dim],
+                    got: t.shape().to_vec(),
+                });
+            }
+        };
         let hint = missing_hint;
-        let weights = BoundWeights::bind(&all_vision_weights(&config, classes), &all, name, hint)?;
-        Ok(Model { config, classes, opts, weights, sessions: HashMap::new(), fed: false, name: name.into() })
+        let weights =
+            BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
+        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), fed: false, name: name.into() })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
@@ -683,6 +724,11 @@ impl Model {
         &self.config
     }
 
+    /// The rank of the model's Representation Surgery block, if it has one.
+    pub fn surgery_rank(&self) -> Option<usize> {
+        self.surgery
+    }
+
     pub fn options(&self) -> &RuntimeOptions {
         &self.opts
     }
@@ -695,7 +741,7 @@ impl Model {
     /// Create the session for `purpose` now (it is otherwise made on first use).
     fn session(&mut self, purpose: Purpose) -> Result<(), RuntimeError> {
         if !self.sessions.contains_key(&purpose) {
-            let graph = cached_graph(&self.config, self.classes, purpose)?;
+            let graph = cached_graph(&self.config, self.classes, self.surgery, purpose)?;
             let t = std::time::Instant::now();
             let s = if self.fed {
                 create_fed_session(&graph.fed_bytes, &self.opts)?
@@ -947,7 +993,7 @@ impl Model {
     /// The output names of a purpose with a prefix (`grad.`/`gram.`), filtered by `weights`.
     fn grad_names(&self, weights: Option<&[&str]>, prefix: &str) -> Result<Vec<String>, RuntimeError> {
         let purpose = if prefix == "gram." { Purpose::Grams } else { Purpose::WeightGrad };
-        let g = cached_graph(&self.config, self.classes, purpose)?;
+        let g = cached_graph(&self.config, self.classes, self.surgery, purpose)?;
         let all: Vec<String> = g.outputs.iter().filter(|o| o.starts_with(prefix)).cloned().collect();
         match weights {
             None => Ok(all),
@@ -1093,6 +1139,42 @@ mod tests {
             assert_eq!(na, nc);
             assert!(ta.iter().zip(tc.iter()).all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs())), "{na}");
         }
+    }
+
+    #[test]
+    fn surgery_tensors_turn_the_feature_correction_on() {
+        let (w, head, mut plain) = tiny(RuntimeOptions::default());
+        let x = images(3);
+        let d = w.config.projection_dim;
+        let r = 2;
+        let mut p = w.params.clone();
+        let down = ArrayD::from_shape_fn(IxDyn(&[r, d]), |ix| ((ix[0] * 5 + ix[1] * 3) % 7) as f32 / 7.0 - 0.4);
+        p.insert_owned(vision::SURGERY_DOWN, down.clone());
+        p.insert_owned(vision::SURGERY_UP, ArrayD::zeros(IxDyn(&[d, r])));
+        let mut zero = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "s").unwrap();
+        assert_eq!(zero.surgery_rank(), Some(r));
+        assert_eq!(plain.surgery_rank(), None);
+        let (l0, f0) = plain.forward(x.view()).unwrap();
+        let (l1, f1) = zero.forward(x.view()).unwrap();
+        assert_eq!((l0.clone(), f0.clone()), (l1, f1), "W_up = 0 is the identity");
+        let up = ArrayD::from_shape_fn(IxDyn(&[d, r]), |ix| ((ix[0] + 2 * ix[1]) % 5) as f32 / 5.0 - 0.3);
+        p.insert_owned(vision::SURGERY_UP, up.clone());
+        let mut on = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "s").unwrap();
+        let (_, f2) = on.forward(x.view()).unwrap();
+        let (down, up) =
+            (down.into_dimensionality::<ndarray::Ix2>().unwrap(), up.into_dimensionality::<ndarray::Ix2>().unwrap());
+        let want = &f0 - &f0.dot(&down.t()).mapv(|v| v.max(0.0)).dot(&up.t());
+        assert!(want.iter().zip(f2.iter()).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + a.abs())));
+        assert!(want != f0, "the correction is active");
+        // The in-place update reaches the surgery weights too.
+        let mut upd = ParamSet::new();
+        upd.insert_owned(vision::SURGERY_UP, ArrayD::zeros(IxDyn(&[d, r])));
+        on.update_weights(&upd).unwrap();
+        assert_eq!(on.forward(x.view()).unwrap().1, f0);
+        // A surgery.down without its surgery.up is named.
+        p.remove(vision::SURGERY_UP);
+        let e = Model::from_params(w.config.clone(), &p, head.view(), RuntimeOptions::default(), "s").unwrap_err();
+        assert!(e.to_string().contains("surgery.up"), "{e}");
     }
 
     /// `params` with every tensor whose name contains `part` shifted by a deterministic pattern.

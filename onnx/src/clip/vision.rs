@@ -574,6 +574,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn surgery_block_corrects_the_feature_and_its_gradients_match_finite_differences() {
         let cfg = tiny();
         let r = 3;
