@@ -33,6 +33,8 @@ pub enum Command {
     Demo(commands::merge::DemoArgs),
     /// List the transfer attacks with their presets and defaults.
     Attacks(commands::attack::AttacksArgs),
+    /// Craft adversarial images on a surrogate CLIP model and measure them on it and other checkpoints.
+    Attack(Box<commands::attack::AttackArgs>),
     /// Fetch the pinned external artifacts (ONNX Runtime, mini-suite data) into the cache.
     Setup(commands::setup::SetupArgs),
     /// List the mini-suite tasks, or describe a data set and draw a contact sheet.
@@ -55,6 +57,7 @@ pub fn main() -> ExitCode {
         Command::Methods(a) => commands::merge::methods(a),
         Command::Demo(a) => commands::merge::demo(a),
         Command::Attacks(a) => commands::attack::attacks(a),
+        Command::Attack(a) => commands::attack::attack(*a),
         Command::Setup(a) => commands::setup::run(a),
         Command::Data(a) => commands::data::run(a),
         Command::Report(a) => commands::report::run(a),
