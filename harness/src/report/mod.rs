@@ -1,8 +1,11 @@
 //! The study report: `mergeattack report STORE... -o DIR`, also called at the end of a study.
 //!
 //! Writes into DIR: `report.md` (headline numbers, the findings as measured, per method x dataset
-//! x attack tables, phase timings), `settings.csv` and `settings.json` (every row; byte-identical
-//! for identical stores), and SVG plots (`heatmap_rtasr.svg`, `scatter_rtasr_vs_accuracy.svg`,
+//! x attack tables, phase timings, skipped settings), `settings.csv` and `settings.json` (every
+//! row; byte-identical for identical stores), `metrics.csv` (the same without the timing columns:
+//! byte-identical for one config and seed whatever the threads, shards or interruptions),
+//! `timings.csv` (seconds per phase of every setting, the runner's `load` and `metrics` included),
+//! and SVG plots (`heatmap_rtasr.svg`, `scatter_rtasr_vs_accuracy.svg`,
 //! `scatter_bias_vs_rtasr.svg`, `bars_attack_rtasr.svg`). PNG versions are not produced.
 //! Every file is written to a temporary file in DIR and renamed into place.
 
@@ -14,7 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::study::store::{StoreError, StoredSetting, read_stores};
+use crate::study::store::{
+    PhaseRows, SkippedSetting, StoreError, StoredSetting, read_phases, read_skipped, read_stores,
+};
 
 use findings::PRIMARY;
 
@@ -40,6 +45,8 @@ pub struct ReportSummary {
 pub const FILES: &[&str] = &[
     "settings.csv",
     "settings.json",
+    "metrics.csv",
+    "timings.csv",
     "heatmap_rtasr.svg",
     "scatter_rtasr_vs_accuracy.svg",
     "scatter_bias_vs_rtasr.svg",
@@ -57,14 +64,18 @@ pub fn write_report(stores: &[PathBuf], out: &Path) -> Result<ReportSummary, Rep
     std::fs::create_dir_all(out).map_err(|source| ReportError::Io { path: out.to_path_buf(), source })?;
     let names: Vec<String> =
         stores.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect();
+    let phases = read_phases(stores)?;
+    let skipped = read_skipped(stores)?;
     let contents = [
         table::to_csv(&rows),
         table::to_json(&rows),
+        table::to_metrics_csv(&rows),
+        table::to_timings_csv(&rows, &phases),
         heatmap(&rows),
         scatter_acc(&rows),
         scatter_bias(&rows),
         attack_bars(&rows),
-        markdown(&rows, &names),
+        markdown(&rows, &names, &phases, &skipped),
     ];
     let mut files = Vec::new();
     for (name, text) in FILES.iter().zip(contents) {
@@ -151,7 +162,7 @@ fn md_grid(rows: &[StoredSetting], metric: &str, filter: &dyn Fn(&StoredSetting)
     out
 }
 
-fn markdown(rows: &[StoredSetting], stores: &[String]) -> String {
+fn markdown(rows: &[StoredSetting], stores: &[String], phases: &PhaseRows, skipped: &[SkippedSetting]) -> String {
     let mut md = String::from("# mergeattack study report\n\n");
     let hashes = distinct(rows, |s| s.config_hash.clone());
     let datasets = distinct(rows, |s| s.record.key.dataset.clone());
@@ -278,6 +289,18 @@ fn markdown(rows: &[StoredSetting], stores: &[String]) -> String {
         tot.iter().sum::<f64>()
     ));
 
+    md.push_str(&runner_phases(rows, phases));
+    if !skipped.is_empty() {
+        md.push_str(&format!("## Skipped settings\n\n{} settings were not run:\n\n", skipped.len()));
+        let mut by_reason: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for s in skipped {
+            *by_reason.entry((s.key.method.as_str(), s.reason.as_str())).or_default() += 1;
+        }
+        for ((m, r), n) in by_reason {
+            md.push_str(&format!("- method {m}: {n} settings; {r}\n"));
+        }
+        md.push('\n');
+    }
     md.push_str("## Plots\n\n");
     for (f, what) in [
         ("heatmap_rtasr.svg", "mean rtasr_wb_all by method x dataset"),
@@ -288,6 +311,46 @@ fn markdown(rows: &[StoredSetting], stores: &[String]) -> String {
         md.push_str(&format!("- [{what}]({f})\n"));
     }
     md.push_str("\nData: [settings.csv](settings.csv), [settings.json](settings.json).\n");
+    md
+}
+
+/// Seconds per phase of the study runner (load, merge, craft, evaluate, metrics), when the store
+/// holds phases beyond the record's: shared work is split over the settings that share it, so the
+/// sums are the runs' time per phase.
+fn runner_phases(rows: &[StoredSetting], phases: &PhaseRows) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for v in phases.values() {
+        for (p, _) in v {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+    }
+    if names.iter().all(|n| crate::study::Phases::NAMES.contains(&n.as_str())) {
+        return String::new();
+    }
+    let order = crate::study::runner::PHASES;
+    names.sort_by_key(|n| order.iter().position(|p| p == n).unwrap_or(order.len()));
+    let mut sums = vec![0.0f64; names.len()];
+    for s in rows {
+        if let Some(v) = phases.get(&(s.config_hash.clone(), s.record.key.clone())) {
+            for (p, secs) in v {
+                if let Some(i) = names.iter().position(|n| n == p) {
+                    sums[i] += secs;
+                }
+            }
+        }
+    }
+    let total: f64 = sums.iter().sum();
+    let mut md = String::from(
+        "### Study runner phases\n\nSeconds per phase summed over settings (shared work split over the settings sharing it; the zoo build is not included).\n\n",
+    );
+    md.push_str(&format!("| {} | total |\n|{}---:|\n", names.join(" | "), "---:|".repeat(names.len())));
+    md.push_str(&format!(
+        "| {} | {:.1} |\n\n",
+        sums.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | "),
+        total
+    ));
     md
 }
 

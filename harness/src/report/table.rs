@@ -73,7 +73,16 @@ fn csv_field(s: &str) -> String {
 
 /// RFC 4180 CSV with a header line; "n/a" is an empty field; `\n` line ends.
 pub fn to_csv(rows: &[StoredSetting]) -> String {
-    let mut out = header().join(",");
+    csv_of(rows, |_| true)
+}
+
+/// The CSV of the columns whose name passes `keep`.
+fn csv_of(rows: &[StoredSetting], keep: impl Fn(&str) -> bool) -> String {
+    let h = header();
+    let kept: Vec<bool> = h.iter().map(|c| keep(c)).collect();
+    let pick =
+        |v: Vec<String>| -> Vec<String> { v.into_iter().zip(&kept).filter(|(_, k)| **k).map(|(c, _)| c).collect() };
+    let mut out = pick(h.clone()).join(",");
     out.push('\n');
     for r in rows {
         let line: Vec<String> = cells(r)
@@ -86,8 +95,55 @@ pub fn to_csv(rows: &[StoredSetting]) -> String {
                 Cell::Na => String::new(),
             })
             .collect();
-        out.push_str(&line.join(","));
+        out.push_str(&pick(line).join(","));
         out.push('\n');
+    }
+    out
+}
+
+/// [`to_csv`] without the timing columns (`seconds_*`): every result of every setting, and
+/// nothing that depends on the machine or the run, so one config and seed give the same bytes
+/// whatever the thread count, the sharding or the interruptions.
+pub fn to_metrics_csv(rows: &[StoredSetting]) -> String {
+    csv_of(rows, |c| !c.starts_with("seconds_"))
+}
+
+/// Seconds per phase of every setting: the [`Phases`] of the record plus any further phase rows
+/// of the store (the runner's `load` and `metrics`), one column per phase name.
+pub fn to_timings_csv(rows: &[StoredSetting], phases: &crate::study::store::PhaseRows) -> String {
+    let mut names: Vec<String> = Phases::NAMES.iter().map(|s| s.to_string()).collect();
+    for v in phases.values() {
+        for (p, _) in v {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+    }
+    let mut out = format!(
+        "config_hash,dataset,method,attack,surrogate,eps,{}\n",
+        names.iter().map(|n| format!("seconds_{n}")).collect::<Vec<_>>().join(",")
+    );
+    for r in rows {
+        let k = &r.record.key;
+        let extra = phases.get(&(r.config_hash.clone(), k.clone()));
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let from_record = Phases::NAMES.iter().position(|p| p == n).map(|i| r.record.seconds.values()[i]);
+                let from_rows = extra.and_then(|v| v.iter().find(|(p, _)| p == n).map(|(_, s)| *s));
+                from_record.or(from_rows).map(fmt_float).unwrap_or_default()
+            })
+            .collect();
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            csv_field(&r.config_hash),
+            csv_field(&k.dataset),
+            csv_field(&k.method),
+            csv_field(&k.attack),
+            csv_field(&k.surrogate),
+            csv_field(&k.eps),
+            cells.join(",")
+        ));
     }
     out
 }

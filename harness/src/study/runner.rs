@@ -152,6 +152,30 @@ fn mini_task(spec: &str) -> Option<String> {
     }
 }
 
+/// The configuration of the built-in zoo a study uses (`None` without `models.zoo`): `default` or
+/// `reduced`, built for exactly the study's mini-suite tasks when it lacks one of them.
+pub fn zoo_config(cfg: &StudyConfig) -> Option<zoo::config::ZooConfig> {
+    let m = &cfg.models;
+    m.zoo.as_ref()?;
+    let mut zcfg = match m.zoo_config.as_deref() {
+        Some("reduced") => zoo::config::ZooConfig::reduced(),
+        _ => zoo::config::ZooConfig::default(),
+    };
+    let mut need: Vec<String> = Vec::new();
+    for d in &cfg.datasets {
+        if m.finetuned.contains_key(&d.name) {
+            continue;
+        }
+        if let Some(t) = mini_task(&d.data).filter(|t| !need.contains(t)) {
+            need.push(t);
+        }
+    }
+    if !need.iter().all(|t| zcfg.tasks.contains(t)) {
+        zcfg.tasks = need;
+    }
+    Some(zcfg)
+}
+
 fn resolve(cfg: &StudyConfig, cache_dir: Option<&Path>) -> Result<Resolved, RunError> {
     let m = &cfg.models;
     let zoo_tasks: Vec<String> =
@@ -159,19 +183,6 @@ fn resolve(cfg: &StudyConfig, cache_dir: Option<&Path>) -> Result<Resolved, RunE
     let (zoo_dir, zoo_key) = match m.zoo.as_deref() {
         None => (None, None),
         Some(_) => {
-            let mut zcfg = match m.zoo_config.as_deref() {
-                Some("reduced") => zoo::config::ZooConfig::reduced(),
-                _ => zoo::config::ZooConfig::default(),
-            };
-            // The zoo's models for the study's tasks; a zoo configuration lacking one of them is
-            // built for exactly the study's tasks.
-            let need: Vec<&String> = cfg
-                .datasets
-                .iter()
-                .zip(&zoo_tasks)
-                .filter(|(d, _)| !m.finetuned.contains_key(&d.name))
-                .map(|(_, t)| t)
-                .collect();
             if let Some((d, _)) = cfg
                 .datasets
                 .iter()
@@ -183,15 +194,7 @@ fn resolve(cfg: &StudyConfig, cache_dir: Option<&Path>) -> Result<Resolved, RunE
                     d.name, d.data, d.name
                 )));
             }
-            if !need.iter().all(|t| zcfg.tasks.contains(t)) {
-                let mut tasks: Vec<String> = Vec::new();
-                for t in &zoo_tasks {
-                    if zoo::config::ALL_TASKS.contains(&t.as_str()) && !tasks.contains(t) {
-                        tasks.push(t.clone());
-                    }
-                }
-                zcfg.tasks = tasks;
-            }
+            let zcfg = zoo_config(cfg).expect("the study names a zoo");
             let root = crate::setup::cache_root(cache_dir);
             let key = zoo::cache_key("mini", &zcfg);
             let dir = root.join("zoo").join(&key);
@@ -207,23 +210,26 @@ fn resolve(cfg: &StudyConfig, cache_dir: Option<&Path>) -> Result<Resolved, RunE
             (Some(dir), Some(key))
         }
     };
-    let from_zoo = |what: &str| -> Result<PathBuf, RunError> {
-        zoo_dir.as_ref().map(|d| d.join(what)).ok_or_else(|| input(format!("models.{what} is not set")))
+    let from_zoo = |what: &str, key: &str| -> Result<PathBuf, RunError> {
+        zoo_dir
+            .as_ref()
+            .map(|d| d.join(what))
+            .ok_or_else(|| input(format!("study config: key `models.{key}` is required unless models.zoo is set")))
     };
     let pretrained = match &m.pretrained {
         Some(p) => PathBuf::from(p),
-        None => from_zoo("pretrained")?,
+        None => from_zoo("pretrained", "pretrained")?,
     };
     let heads = match &m.heads {
         Some(p) => PathBuf::from(p),
-        None => from_zoo("heads.safetensors")?,
+        None => from_zoo("heads.safetensors", "heads")?,
     };
     let mut finetuned = Vec::new();
     let mut reference = Vec::new();
     for (d, t) in cfg.datasets.iter().zip(&zoo_tasks) {
         finetuned.push(match m.finetuned.get(&d.name) {
             Some(p) => PathBuf::from(p),
-            None => from_zoo(&format!("finetuned/{t}"))?,
+            None => from_zoo(&format!("finetuned/{t}"), &format!("finetuned.{}", d.name))?,
         });
         reference.push(match m.reference.get(&d.name) {
             Some(p) => Some(PathBuf::from(p)),
