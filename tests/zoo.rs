@@ -1,6 +1,7 @@
 //! `mergeattack zoo build --reduced` end to end (needs the mini-suite cache: `scripts/test.sh`
 //! runs `mergeattack setup` first): the layout of a CLIP pool, bitwise determinism across two
-//! builds, the cache hit on a rerun, fine-tuning beating pretrained+head, and a bad config named.
+//! builds, the cache hit on a rerun, fine-tuning beating pretrained+head, reuse of a matching
+//! pretrained encoder (and refusal of another), and a bad config named.
 
 use std::path::Path;
 
@@ -93,6 +94,46 @@ fn reduced_zoo_is_deterministic_cached_and_fine_tuning_helps() {
         let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
         assert!(x == y, "{f} differs between two builds");
     }
+
+    reuses_a_matching_pretrained_encoder_and_refuses_another(tmp.path(), &a);
+}
+
+/// Reusing the pretrained encoder of the finished zoo `a` (shares its build with the test above).
+fn reuses_a_matching_pretrained_encoder_and_refuses_another(tmp: &Path, a: &Path) {
+    // Other fine-tuning settings, same pretraining: the encoder is reused byte for byte.
+    let ft = tmp.join("ft.toml");
+    std::fs::write(&ft, "finetune_steps = 4\nfinetune_warmup = 1\n").unwrap();
+    let c = tmp.join("c");
+    let args = |cfg: &Path, out: &Path| {
+        let v: Vec<String> = ["zoo", "build", "--reduced", "--config", cfg.to_str().unwrap(), "--out"]
+            .into_iter()
+            .map(String::from)
+            .chain([out.to_str().unwrap().to_string(), "--pretrained-from".into(), a.to_str().unwrap().into()])
+            .collect();
+        v
+    };
+    let (code, _, stderr) = run_cli(args(&ft, &c));
+    assert_eq!(code, 0, "{stderr}");
+    let p = "pretrained/model.safetensors";
+    assert!(std::fs::read(a.join(p)).unwrap() == std::fs::read(c.join(p)).unwrap(), "reused encoder differs");
+    let times = std::fs::read_to_string(c.join("times.json")).unwrap();
+    assert!(times.contains("pretraining (reused)"), "{times}");
+    let sa = std::fs::read_to_string(a.join("summary.json")).unwrap();
+    let sc = std::fs::read_to_string(c.join("summary.json")).unwrap();
+    let first_last =
+        |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["pretrain_loss_first_last"].clone();
+    assert_eq!(first_last(&sa), first_last(&sc));
+    // Other pretraining settings: refused, the file named, nothing written.
+    let pt = tmp.join("pt.toml");
+    std::fs::write(&pt, "pretrain_steps = 3\n").unwrap();
+    let d = tmp.join("d");
+    let (code, _, stderr) = run_cli(args(&pt, &d));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("model.safetensors") && stderr.contains("other settings"),
+        "{stderr}"
+    );
+    assert!(!d.exists());
 }
 
 #[test]

@@ -36,6 +36,10 @@ pub struct BuildArgs {
     /// Output directory (default: <cache>/zoo/<key>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Reuse the pretrained encoder of an earlier zoo (its directory); refused unless it was
+    /// pretrained with the same settings. The result is the same bytes as pretraining again.
+    #[arg(long)]
+    pub pretrained_from: Option<PathBuf>,
     /// Cache holding the mini-suite sources (default: the tool's cache root).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -74,7 +78,7 @@ fn build(a: BuildArgs) -> Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let root = crate::setup::cache_root(a.cache_dir.as_deref());
     let out = a.out.unwrap_or_else(|| root.join("zoo").join(zoo::cache_key("mini", &cfg)));
-    match zoo::build(&root, &cfg, &out)? {
+    match zoo::build(&root, &cfg, &out, a.pretrained_from.as_deref())? {
         zoo::Built::Cached(p) => {
             println!("zoo already built (same suite, config and code version): {}", p.display());
             if let Ok(md) = std::fs::read_to_string(p.join("summary.md")) {

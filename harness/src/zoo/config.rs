@@ -78,13 +78,17 @@ pub struct ZooConfig {
     pub finetune_batch: usize,
     pub finetune_lr: f32,
     pub finetune_warmup: usize,
+    /// L2-SP: decoupled pull of the fine-tuned weights toward the pretrained ones (0 = off).
+    pub finetune_l2sp: f32,
+    /// Early stopping: check validation accuracy every N steps and keep the best (0 = off).
+    pub finetune_eval_every: usize,
     /// Test images per task used for the accuracy tables (0 = all).
     pub eval_limit: usize,
     /// Validation images per task used to choose task arithmetic's lambda (0 = all).
     pub val_limit: usize,
-    /// TIES: share of entries kept and scale.
+    /// TIES: share of entries kept, and candidate scales (chosen on validation).
     pub ties_k: f32,
-    pub ties_lambda: f32,
+    pub ties_lambdas: Vec<f32>,
     /// Task arithmetic: candidate lambdas (chosen on validation).
     pub ta_lambdas: Vec<f32>,
 }
@@ -113,10 +117,12 @@ impl Default for ZooConfig {
             finetune_batch: 64,
             finetune_lr: 1e-3,
             finetune_warmup: 20,
+            finetune_l2sp: 0.0,
+            finetune_eval_every: 0,
             eval_limit: 1000,
             val_limit: 500,
             ties_k: 0.2,
-            ties_lambda: 0.3,
+            ties_lambdas: vec![0.3],
             ta_lambdas: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
         }
     }
@@ -195,8 +201,19 @@ impl ZooConfig {
                 return Err(format!("zoo config key `{k}` = {v} must be a positive number"));
             }
         }
-        if self.ta_lambdas.is_empty() {
-            return Err("ta_lambdas must hold at least one value".into());
+        for (k, v) in [("ta_lambdas", &self.ta_lambdas), ("ties_lambdas", &self.ties_lambdas)] {
+            if v.is_empty() {
+                return Err(format!("{k} must hold at least one value"));
+            }
+            if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                return Err(format!("{k} holds {x}, not a finite number"));
+            }
+        }
+        if !(self.ties_k > 0.0 && self.ties_k <= 1.0) {
+            return Err(format!("ties_k = {} must be in (0, 1]", self.ties_k));
+        }
+        if !(self.finetune_l2sp >= 0.0 && self.finetune_l2sp.is_finite()) {
+            return Err(format!("finetune_l2sp = {} must be a non-negative number", self.finetune_l2sp));
         }
         if let Scope::Last(n) = self.scope()?
             && n > self.layers

@@ -4,11 +4,13 @@
 use anyhow::{Result, anyhow};
 use mergeattack_core::merge::{MergeInput, Params, lookup};
 use mergeattack_core::tensor::ParamSet;
-use ndarray::Array2;
+use std::cell::RefCell;
+
+use ndarray::{Array2, ArrayView4};
 use serde::Serialize;
 
 use super::config::ZooConfig;
-use super::train::{TaskData, accuracy, bar};
+use super::train::{TaskData, bar, correct_share, eval_model};
 
 /// One row of the accuracy table.
 #[derive(Clone, Debug, Serialize)]
@@ -33,6 +35,9 @@ pub struct Summary {
     pub ta_lambda: f32,
     /// lambda -> mean validation accuracy of task arithmetic.
     pub ta_validation: Vec<(f32, f64)>,
+    pub ties_lambda: f32,
+    /// lambda -> mean validation accuracy of TIES.
+    pub ties_validation: Vec<(f32, f64)>,
     /// (merge mean - pretrained+head mean) / (fine-tuned mean - pretrained+head mean).
     pub gap_closed: GapClosed,
     /// forgetting[s][t] = acc on t of the model fine-tuned on s - pretrained+head acc on t.
@@ -79,8 +84,16 @@ fn merged<'a>(
     out.single().ok_or_else(|| anyhow!("{method} gave per-task models"))
 }
 
-/// The table rows, the forgetting matrix, the chosen TA lambda and the TA validation curve.
-pub type Evaluated = (Vec<TaskRow>, Vec<Vec<f64>>, f32, Vec<(f32, f64)>);
+/// What [`evaluate`] measured.
+pub struct Evaluated {
+    pub rows: Vec<TaskRow>,
+    /// forgetting[s][t] = acc on t of the model fine-tuned on s - pretrained+head acc on t.
+    pub forgetting: Vec<Vec<f64>>,
+    /// Task arithmetic: chosen lambda and lambda -> mean validation accuracy.
+    pub ta: (f32, Vec<(f32, f64)>),
+    /// TIES: the same.
+    pub ties: (f32, Vec<(f32, f64)>),
+}
 
 /// Everything but the timings and key: the measurements.
 #[allow(clippy::needless_range_loop)]
@@ -93,10 +106,19 @@ pub fn evaluate(
     reference: &[ParamSet<'static>],
 ) -> Result<Evaluated> {
     let n = tasks.len();
-    let acc =
-        |p: &ParamSet<'_>, t: usize| accuracy(cfg, p, heads[t].view(), tasks[t].test.view(), &tasks[t].test_labels);
-    let val = |p: &ParamSet<'_>, t: usize| accuracy(cfg, p, heads[t].view(), tasks[t].val.view(), &tasks[t].val_labels);
-    let total = n * (n + 5) + cfg.ta_lambdas.len() * n;
+    // One model per task head; each evaluated encoder is copied into it (no session rebuilt).
+    let mut models = Vec::with_capacity(n);
+    for t in 0..n {
+        models.push(RefCell::new(eval_model(cfg, pretrained, heads[t].view())?));
+    }
+    let run = |p: &ParamSet<'_>, t: usize, x: ArrayView4<'_, f32>, labels: &[usize]| -> Result<f64> {
+        let mut m = models[t].borrow_mut();
+        m.update_weights(p)?;
+        Ok(correct_share(&m.forward(x)?.0, labels))
+    };
+    let acc = |p: &ParamSet<'_>, t: usize| run(p, t, tasks[t].test.view(), &tasks[t].test_labels);
+    let val = |p: &ParamSet<'_>, t: usize| run(p, t, tasks[t].val.view(), &tasks[t].val_labels);
+    let total = n * (n + 5) + (cfg.ta_lambdas.len() + cfg.ties_lambdas.len()) * n;
     let pb = bar(total, "evaluating");
     let mut pt = Vec::new();
     for t in 0..n {
@@ -111,28 +133,30 @@ pub fn evaluate(
         }
     }
     let wa = merged("weight-average", pretrained, finetuned, &[])?;
-    let ties = merged(
-        "ties",
-        pretrained,
-        finetuned,
-        &[("k", cfg.ties_k.to_string()), ("lambda", cfg.ties_lambda.to_string())],
-    )?;
-    let mut ta_val = Vec::new();
-    let mut best: Option<(f32, f64, ParamSet<'static>)> = None;
-    for &lam in &cfg.ta_lambdas {
-        let m = merged("task-arithmetic", pretrained, finetuned, &[("lambda", lam.to_string())])?;
-        let mut s = 0.0;
-        for t in 0..n {
-            s += val(&m, t)?;
-            pb.inc(1);
+    // lambda chosen by the mean validation accuracy (the first of equal bests).
+    let choose = |method: &str, grid: &[f32], extra: &[(&str, String)]| -> Result<Chosen> {
+        let mut curve = Vec::new();
+        let mut best: Option<(f32, f64, ParamSet<'static>)> = None;
+        for &lam in grid {
+            let mut set: Vec<(&str, String)> = extra.to_vec();
+            set.push(("lambda", lam.to_string()));
+            let m = merged(method, pretrained, finetuned, &set)?;
+            let mut s = 0.0;
+            for t in 0..n {
+                s += val(&m, t)?;
+                pb.inc(1);
+            }
+            let v = s / n as f64;
+            curve.push((lam, v));
+            if best.as_ref().is_none_or(|b| v > b.1) {
+                best = Some((lam, v, m));
+            }
         }
-        let v = s / n as f64;
-        ta_val.push((lam, v));
-        if best.as_ref().is_none_or(|b| v > b.1) {
-            best = Some((lam, v, m));
-        }
-    }
-    let (lambda, _, ta) = best.expect("at least one lambda");
+        let (lambda, _, m) = best.expect("at least one lambda");
+        Ok((lambda, curve, m))
+    };
+    let (ta_lambda, ta_curve, ta) = choose("task-arithmetic", &cfg.ta_lambdas, &[])?;
+    let (ties_lambda, ties_curve, ties) = choose("ties", &cfg.ties_lambdas, &[("k", cfg.ties_k.to_string())])?;
     let mut rows = Vec::new();
     for t in 0..n {
         let r = TaskRow {
@@ -149,8 +173,10 @@ pub fn evaluate(
     }
     pb.finish();
     let forgetting = (0..n).map(|s| (0..n).map(|t| cross[s][t] - pt[t]).collect()).collect();
-    Ok((rows, forgetting, lambda, ta_val))
+    Ok(Evaluated { rows, forgetting, ta: (ta_lambda, ta_curve), ties: (ties_lambda, ties_curve) })
 }
+
+type Chosen = (f32, Vec<(f32, f64)>, ParamSet<'static>);
 
 /// Column means.
 pub fn mean_row(rows: &[TaskRow]) -> TaskRow {
@@ -194,12 +220,14 @@ pub fn markdown(s: &Summary) -> String {
     let mut o = String::new();
     o.push_str("# Mini zoo summary\n\n");
     o.push_str(&format!("Regime: **{}**.\n\nCache key: `{}`.\n\n", s.regime, s.key));
+    let curve = |c: &[(f32, f64)]| c.iter().map(|(l, v)| format!("{l}: {v:.3}")).collect::<Vec<_>>().join(", ");
     o.push_str(&format!(
-        "Task arithmetic lambda chosen on validation: {} ({}); TIES k {} lambda {}.\n\n",
+        "Lambdas chosen on validation (mean validation accuracy per lambda): task arithmetic {} ({}); TIES (k {}) {} ({}).\n\n",
         s.ta_lambda,
-        s.ta_validation.iter().map(|(l, v)| format!("{l}: {v:.3}")).collect::<Vec<_>>().join(", "),
+        curve(&s.ta_validation),
         s.config.ties_k,
-        s.config.ties_lambda
+        s.ties_lambda,
+        curve(&s.ties_validation)
     ));
     o.push_str("| task | pretrained+head | fine-tuned | reference | WA | TA | TIES |\n|---|---|---|---|---|---|---|\n");
     for r in s.rows.iter().chain(std::iter::once(&s.mean)) {

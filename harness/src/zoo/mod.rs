@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use config::ZooConfig;
 
 /// Bumped whenever training or evaluation code changes what a build produces.
-pub const ZOO_CODE_VERSION: &str = "zoo-1";
+pub const ZOO_CODE_VERSION: &str = "zoo-2";
 
 /// The cache key: suite, config and code version.
 pub fn cache_key(suite: &str, cfg: &ZooConfig) -> String {
@@ -36,6 +36,74 @@ pub fn cache_key(suite: &str, cfg: &ZooConfig) -> String {
     h.update(serde_json::to_string(cfg).expect("config serialises").as_bytes());
     let d = h.finalize();
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key of the pretraining alone (what decides the pretrained encoder's bytes): a zoo whose
+/// key differs only in later settings can reuse an earlier zoo's encoder.
+pub fn pretrain_key(suite: &str, cfg: &ZooConfig) -> String {
+    let v = serde_json::json!({
+        "suite": suite,
+        "version": env!("CARGO_PKG_VERSION"),
+        "code": PRETRAIN_CODE_VERSION,
+        "seed": cfg.seed,
+        "tasks": cfg.tasks,
+        "vision": cfg.vision(),
+        "pretrain_steps": cfg.pretrain_steps,
+        "pretrain_batch": cfg.pretrain_batch,
+        "pretrain_lr": cfg.pretrain_lr,
+        "pretrain_warmup": cfg.pretrain_warmup,
+        "temperature": cfg.temperature,
+        "weight_decay": cfg.weight_decay,
+    });
+    let d = Sha256::digest(format!("mergeattack zoo pretraining\0{v}").as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bumped whenever pretraining code changes the encoder it produces.
+pub const PRETRAIN_CODE_VERSION: &str = "pretrain-1";
+
+const META_PRETRAIN_KEY: &str = "mergeattack_pretrain_key";
+const META_LOSS_FIRST: &str = "mergeattack_pretrain_loss_first";
+const META_LOSS_LAST: &str = "mergeattack_pretrain_loss_last";
+
+/// The pretrained encoder of an earlier zoo (`from`: the zoo directory or its `pretrained/`
+/// folder) and its first and last pretraining losses, if it was pretrained with `cfg`'s settings.
+pub fn reuse_pretrained(from: &Path, cfg: &ZooConfig) -> Result<(ParamSet<'static>, (f64, f64))> {
+    let file = [from.join("pretrained").join("model.safetensors"), from.join("model.safetensors")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} holds no pretrained encoder (no pretrained/model.safetensors)", from.display())
+        })?;
+    let ck = weights::Checkpoint::open(&file)?;
+    let want = pretrain_key("mini", cfg);
+    let meta = ck.metadata();
+    match meta.get(META_PRETRAIN_KEY) {
+        Some(k) if *k == want => {}
+        Some(k) => bail!(
+            "{} was pretrained with other settings (pretraining key {k}, this config needs {want}): it cannot be reused",
+            file.display()
+        ),
+        None => bail!("{} records no pretraining key: it cannot be reused", file.display()),
+    }
+    let loss = |k: &str| -> Result<f64> {
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("{} records no valid `{k}`", file.display()))
+    };
+    let losses = (loss(META_LOSS_FIRST)?, loss(META_LOSS_LAST)?);
+    let params = ck.params()?.into_owned();
+    let expected: Vec<String> =
+        mergeattack_onnx::clip::vision::vision_weight_shapes(&cfg.vision()).into_iter().map(|(n, _)| n).collect();
+    let got: Vec<String> = params.names().map(String::from).collect();
+    if got != {
+        let mut e = expected.clone();
+        e.sort();
+        e
+    } {
+        bail!("{} does not hold exactly the encoder tensors of this config", file.display());
+    }
+    Ok((params, losses))
 }
 
 /// What `build` did.
@@ -69,7 +137,10 @@ pub fn existing_key(out: &Path) -> Option<String> {
 }
 
 /// Build (or find) the zoo for `cfg` from the mini-suite cache at `data_root` into `out`.
-pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path) -> Result<Built> {
+///
+/// `pretrained_from`: reuse the pretrained encoder of an earlier zoo with the same pretraining
+/// settings (the output is byte-identical to pretraining again).
+pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Option<&Path>) -> Result<Built> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let key = cache_key("mini", cfg);
     if out.exists() {
@@ -96,9 +167,34 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path) -> Result<Built> {
     times.push(("data".into(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
-    let (pretrained, losses) = train::pretrain(cfg, &tasks)?;
-    times.push(("pretraining".into(), t.elapsed().as_secs_f64()));
-    write_model(&dir.join("pretrained"), cfg, &pretrained, "pretrained")?;
+    let (pretrained, loss_first_last) = match pretrained_from {
+        Some(from) => reuse_pretrained(from, cfg)?,
+        None => {
+            let (p, losses) = train::pretrain(cfg, &tasks)?;
+            let fl = (losses.first().copied().unwrap_or(f64::NAN), losses.last().copied().unwrap_or(f64::NAN));
+            (p, fl)
+        }
+    };
+    times.push((
+        if pretrained_from.is_some() { "pretraining (reused)" } else { "pretraining" }.into(),
+        t.elapsed().as_secs_f64(),
+    ));
+    {
+        let pdir = dir.join("pretrained");
+        std::fs::create_dir_all(&pdir).with_context(|| format!("create {}", pdir.display()))?;
+        let (k, a, b) =
+            (pretrain_key("mini", cfg), format!("{:?}", loss_first_last.0), format!("{:?}", loss_first_last.1));
+        let meta = [
+            ("format", "pt"),
+            ("mergeattack_zoo", "pretrained"),
+            (META_PRETRAIN_KEY, k.as_str()),
+            (META_LOSS_FIRST, a.as_str()),
+            (META_LOSS_LAST, b.as_str()),
+        ];
+        weights::save(pdir.join("model.safetensors"), &pretrained, &meta)
+            .with_context(|| format!("write {}", pdir.join("model.safetensors").display()))?;
+        write_config(&pdir, cfg)?;
+    }
 
     let t = Instant::now();
     let mut heads: Vec<Array2<f32>> = Vec::new();
@@ -130,8 +226,8 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path) -> Result<Built> {
     times.push(("fine-tuning".into(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
-    let (rows, forgetting, ta_lambda, ta_validation) =
-        eval::evaluate(cfg, &tasks, &pretrained, &heads, &finetuned, &reference)?;
+    let ev = eval::evaluate(cfg, &tasks, &pretrained, &heads, &finetuned, &reference)?;
+    let (rows, forgetting) = (ev.rows, ev.forgetting);
     times.push(("evaluation".into(), t.elapsed().as_secs_f64()));
     let (mean, gap_closed, bar, mean_forgetting) = eval::judge(&rows, &forgetting);
     let summary = eval::Summary {
@@ -140,17 +236,16 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path) -> Result<Built> {
         config: cfg.clone(),
         rows,
         mean,
-        ta_lambda,
-        ta_validation,
+        ta_lambda: ev.ta.0,
+        ta_validation: ev.ta.1,
+        ties_lambda: ev.ties.0,
+        ties_validation: ev.ties.1,
         gap_closed,
         forgetting,
         mean_forgetting,
         bar,
         times_s: times,
-        pretrain_loss_first_last: (
-            losses.first().copied().unwrap_or(f64::NAN),
-            losses.last().copied().unwrap_or(f64::NAN),
-        ),
+        pretrain_loss_first_last: loss_first_last,
     };
     std::fs::write(dir.join("summary.md"), eval::markdown(&summary)).context("write summary.md")?;
     // Timings vary run to run: keep them out of the byte-compared summary.json, in times.json.

@@ -160,6 +160,9 @@ pub fn nt_xent(u: ArrayView2<'_, f32>, tau: f32) -> (f64, Array2<f32>) {
     (loss / n as f64, du.mapv(|v| v as f32))
 }
 
+/// One Adam step on the trainable tensors, in place. `grads[slot]` is the gradient of `names[slot]`
+/// (the engine returns them in the order asked). With `anchor`, the weights are then pulled toward
+/// it (L2-SP, decoupled: w -= lr * l2sp * (w - anchor)).
 fn adam_step(
     adam: &mut Adam,
     params: &mut ParamSet<'static>,
@@ -167,17 +170,26 @@ fn adam_step(
     grads: &[(String, ArrayD<f32>)],
     scale: f32,
     lr: f32,
+    anchor: Option<(&ParamSet<'_>, f32)>,
 ) {
     adam.begin_step();
+    let mut g: Vec<f32> = Vec::new();
     for (slot, name) in names.iter().enumerate() {
-        let key = format!("grad.{name}");
-        let g = &grads.iter().find(|(n, _)| *n == key).expect("gradient returned for every requested weight").1;
-        let g: Vec<f32> = g.iter().map(|v| v * scale).collect();
-        let t = params.get(name).expect("trainable weight present");
-        let shape = t.shape().to_vec();
-        let mut data: Vec<f32> = t.iter().copied().collect();
-        adam.update(slot, &mut data, &g, lr);
-        params.insert_owned(name.clone(), ArrayD::from_shape_vec(IxDyn(&shape), data).expect("same shape"));
+        let (gname, gt) = &grads[slot];
+        debug_assert_eq!(gname.strip_prefix("grad."), Some(name.as_str()));
+        g.clear();
+        g.extend(gt.iter().map(|v| v * scale));
+        let t = params.get_mut(name).expect("trainable weight present");
+        let data = t.as_slice_mut().expect("owned weights are contiguous");
+        adam.update(slot, data, &g, lr);
+        if let Some((a, l2sp)) = anchor
+            && l2sp != 0.0
+        {
+            let a = a.get(name).expect("anchor has every trainable weight");
+            for (w, w0) in data.iter_mut().zip(a.iter()) {
+                *w -= lr * l2sp * (*w - *w0);
+            }
+        }
     }
 }
 
@@ -202,6 +214,12 @@ pub fn pretrain(cfg: &ZooConfig, tasks: &[TaskData]) -> Result<(ParamSet<'static
     let plane = 3 * size * size;
     let mut losses = Vec::with_capacity(cfg.pretrain_steps);
     let pb = bar(cfg.pretrain_steps, "pretraining (SimCLR)");
+    // One model for the whole run (logit scale 0 and an identity head: logits are the unit
+    // features); the weights are copied into it before every step, no session is rebuilt.
+    let mut run = params.clone();
+    run.insert_owned("logit_scale", ArrayD::from_elem(IxDyn(&[]), 0.0));
+    let mut model = Model::from_params(vision.clone(), &run, eye.view(), options(cfg, 2 * b), "the zoo encoder")?;
+    drop(run);
     for step in 0..cfg.pretrain_steps {
         let mut rng = stream(cfg.seed, &[b"zoo", b"pretrain", &(step as u64).to_le_bytes()]);
         let mut x = Array4::<f32>::zeros((2 * b, 3, size, size));
@@ -218,9 +236,7 @@ pub fn pretrain(cfg: &ZooConfig, tasks: &[TaskData]) -> Result<(ParamSet<'static
                 }
             }
         }
-        let mut run = params.clone();
-        run.insert_owned("logit_scale", ArrayD::from_elem(IxDyn(&[]), 0.0));
-        let mut model = Model::from_params(vision.clone(), &run, eye.view(), options(cfg, 2 * b), "the zoo encoder")?;
+        model.update_weights(&params)?;
         let (u, _) = model.forward(x.view())?;
         let (loss, du) = nt_xent(u.view(), cfg.temperature);
         if !loss.is_finite() {
@@ -228,7 +244,7 @@ pub fn pretrain(cfg: &ZooConfig, tasks: &[TaskData]) -> Result<(ParamSet<'static
         }
         let grads = model.weight_vjp(x.view(), du.view(), Some(&name_refs))?;
         let lr = cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_warmup, cfg.pretrain_lr, 0.0);
-        adam_step(&mut adam, &mut params, &names, &grads, 1.0, lr);
+        adam_step(&mut adam, &mut params, &names, &grads, 1.0, lr, None);
         losses.push(loss);
         pb.set_message(format!("pretraining loss {loss:.3}"));
         pb.inc(1);
@@ -267,8 +283,10 @@ pub fn class_head(cfg: &ZooConfig, params: &ParamSet<'_>, task: &TaskData) -> Re
     Ok(head)
 }
 
-/// Fine-tune `base` on `task` with its frozen head (Adam, mean cross-entropy, warm-up + cosine);
-/// `purpose` ("finetune" / "reference") picks the seed stream.
+/// Fine-tune `base` on `task` with its frozen head (Adam, mean cross-entropy, warm-up + cosine,
+/// optional L2-SP pull toward `base`); `purpose` ("finetune" / "reference") picks the seed stream.
+/// With `finetune_eval_every` = k > 0, the weights of the checkpoint (every k steps and the last)
+/// with the best validation accuracy are returned (early stopping).
 pub fn finetune(
     cfg: &ZooConfig,
     base: &ParamSet<'_>,
@@ -284,19 +302,24 @@ pub fn finetune(
     let mut adam =
         Adam::new(AdamConfig { weight_decay: cfg.weight_decay, ..AdamConfig::default() }, &sizes(&params, &names));
     let b = cfg.finetune_batch.min(task.train_labels.len());
+    // One model for the whole run: the trained tensors are copied into it before every step (its
+    // sessions take the weights as inputs; no session is rebuilt).
+    let mut model = Model::from_params(cfg.vision(), &params, head, options(cfg, b), &task.name)?;
+    // Early stopping on validation: (accuracy, step, weights) of the best checkpoint so far.
+    let mut best: Option<(f64, usize, ParamSet<'static>)> = None;
     for step in 0..cfg.finetune_steps {
         let mut rng =
             stream(cfg.seed, &[b"zoo", purpose.as_bytes(), task.name.as_bytes(), &(step as u64).to_le_bytes()]);
         let idx: Vec<usize> = (0..b).map(|_| rng.random_range(0..task.train_labels.len())).collect();
         let x = task.train.select(Axis(0), &idx);
         let labels: Vec<usize> = idx.iter().map(|&i| task.train_labels[i]).collect();
-        let mut model = Model::from_params(cfg.vision(), &params, head, options(cfg, b), &task.name)?;
+        model.update_weights(&subset(&params, &names))?;
         let (loss, grads) = model.weight_grads(x.view(), &labels, Some(&name_refs))?;
         if !loss.is_finite() {
             anyhow::bail!("fine-tuning `{}` diverged at step {step}; lower finetune_lr", task.name);
         }
         let lr = cosine_lr(step, cfg.finetune_steps, cfg.finetune_warmup, cfg.finetune_lr, 0.0);
-        adam_step(&mut adam, &mut params, &names, &grads, 1.0 / b as f32, lr);
+        adam_step(&mut adam, &mut params, &names, &grads, 1.0 / b as f32, lr, Some((base, cfg.finetune_l2sp)));
         if step % 10 == 0 || step + 1 == cfg.finetune_steps {
             tracing::debug!(
                 "{purpose} {} step {step}: mean cross-entropy {:.4}, lr {lr:.2e}",
@@ -305,20 +328,31 @@ pub fn finetune(
             );
         }
         pb.inc(1);
+        let k = cfg.finetune_eval_every;
+        if k > 0 && ((step + 1) % k == 0 || step + 1 == cfg.finetune_steps) {
+            model.update_weights(&subset(&params, &names))?;
+            let v = correct_share(&model.forward(task.val.view())?.0, &task.val_labels);
+            tracing::debug!("{purpose} {} step {}: validation accuracy {v:.4}", task.name, step + 1);
+            // The first of equal bests: the earliest, smallest task vector.
+            if best.as_ref().is_none_or(|(b, _, _)| v > *b) {
+                best = Some((v, step + 1, params.clone()));
+            }
+        }
+    }
+    if let Some((v, at, p)) = best {
+        tracing::info!("{purpose} {}: kept step {at} of {} (validation {v:.4})", task.name, cfg.finetune_steps);
+        return Ok(p);
     }
     Ok(params)
 }
 
-/// Accuracy of `params` with `head` on `x`.
-pub fn accuracy(
-    cfg: &ZooConfig,
-    params: &ParamSet<'_>,
-    head: ArrayView2<'_, f32>,
-    x: ArrayView4<'_, f32>,
-    labels: &[usize],
-) -> Result<f64> {
-    let mut m = Model::from_params(cfg.vision(), params, head, options(cfg, 256), "a zoo model")?;
-    let (logits, _) = m.forward(x)?;
+/// A model for evaluating encoders with `head` (weights replaced with `update_weights`).
+pub fn eval_model(cfg: &ZooConfig, params: &ParamSet<'_>, head: ArrayView2<'_, f32>) -> Result<Model> {
+    Ok(Model::from_params(cfg.vision(), params, head, options(cfg, 256), "a zoo model")?)
+}
+
+/// Share of rows whose first largest logit is the label.
+pub fn correct_share(logits: &Array2<f32>, labels: &[usize]) -> f64 {
     let correct = logits
         .rows()
         .into_iter()
@@ -333,7 +367,16 @@ pub fn accuracy(
             best == **l
         })
         .count();
-    Ok(correct as f64 / labels.len().max(1) as f64)
+    correct as f64 / labels.len().max(1) as f64
+}
+
+/// Views of the `names` tensors of `params`.
+fn subset<'p>(params: &'p ParamSet<'_>, names: &[String]) -> ParamSet<'p> {
+    let mut out = ParamSet::new();
+    for n in names {
+        out.insert_view(n.clone(), params.get(n).expect("trainable weight present").view());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -377,6 +420,38 @@ mod tests {
                 assert!((fd - f64::from(du[[i, j]])).abs() < 1e-5, "({i},{j}) fd {fd} vs {}", du[[i, j]]);
             }
         }
+    }
+
+    /// The in-place step equals Adam on a copy, plus the closed-form L2-SP pull toward the anchor;
+    /// untrained tensors are untouched.
+    #[test]
+    fn adam_step_updates_in_place_and_pulls_toward_the_anchor() {
+        let mut p = ParamSet::new();
+        p.insert_owned("a", ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.0, -2.0, 3.0, 0.5]).unwrap());
+        p.insert_owned("frozen", ArrayD::from_elem(IxDyn(&[3]), 7.0));
+        let anchor = p.clone();
+        let mut p = p.into_owned();
+        // Move away from the anchor, then a step with a zero gradient: Adam's m stays 0 only on
+        // the first step, so use a fresh optimiser to isolate the pull.
+        p.get_mut("a").unwrap().mapv_inplace(|v| v + 1.0);
+        let names = vec!["a".to_string()];
+        let zero = vec![("grad.a".to_string(), ArrayD::zeros(IxDyn(&[2, 2])))];
+        let mut adam = Adam::new(AdamConfig::default(), &[4]);
+        adam_step(&mut adam, &mut p, &names, &zero, 1.0, 0.1, Some((&anchor, 0.5)));
+        // w = (w0 + 1) - 0.1 * 0.5 * 1 = w0 + 0.95.
+        for (w, w0) in p.get("a").unwrap().iter().zip(anchor.get("a").unwrap().iter()) {
+            assert!((w - (w0 + 0.95)).abs() < 1e-6, "{w} vs {w0}");
+        }
+        // With a gradient and no anchor: exactly Adam on a copy (scale applied to the gradient).
+        let g = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![0.5, -1.0, 2.0, 0.0]).unwrap();
+        let mut want: Vec<f32> = p.get("a").unwrap().iter().copied().collect();
+        let mut ref_adam = Adam::new(AdamConfig::default(), &[4]);
+        ref_adam.begin_step();
+        ref_adam.update(0, &mut want, &g.iter().map(|v| v * 0.25).collect::<Vec<_>>(), 0.01);
+        let mut adam = Adam::new(AdamConfig::default(), &[4]);
+        adam_step(&mut adam, &mut p, &names, &[("grad.a".into(), g)], 0.25, 0.01, None);
+        assert_eq!(p.get("a").unwrap().iter().copied().collect::<Vec<_>>(), want);
+        assert!(p.get("frozen").unwrap().iter().all(|&v| v == 7.0));
     }
 
     #[test]
