@@ -10,6 +10,13 @@ use mergeattack_core::merge::{
 use mergeattack_core::tensor::ParamSet;
 use mergeattack_onnx::weights::{self, Checkpoint, Convention, OutDtype, Pending, WeightsError, Writer};
 
+use mergeattack_core::rng;
+use mergeattack_onnx::runtime::{Device, RuntimeError, RuntimeOptions, load_head, load_hf_params, vision_config_for};
+use ndarray::Array4;
+use rand::RngExt;
+
+use crate::data::mini::Split;
+use crate::data::{self, DataError, DataSpec, OpenOptions, Preprocess};
 use crate::mergeconfig::{ConfigError, MergeSpec};
 use crate::synth::{self, SynthConfig};
 
@@ -53,6 +60,43 @@ pub struct MergeArgs {
     /// Output safetensors file.
     #[arg(short, long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub data: DataMergeArgs,
+}
+
+/// What the data-dependent methods (`fisher`, `regmean`, `adamerging`, any `+surgery`) need
+/// besides the checkpoints.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DataMergeArgs {
+    /// Images per task, one data spec per `--models` entry in the same order (see `mergeattack data
+    /// list`): `mini:TASK` takes the train split for fisher/regmean and the test split for
+    /// adamerging/+surgery; `mini:TASK:SPLIT` and other kinds are used as given (labels unused).
+    #[arg(long, num_args = 1.., value_name = "SPEC")]
+    pub data: Vec<String>,
+    /// The task heads (`[classes, projection_dim]` per task; the zoo's heads.safetensors).
+    #[arg(long)]
+    pub heads: Option<PathBuf>,
+    /// Head names, one per `--models` entry [default: the tasks of `mini:` specs].
+    #[arg(long, num_args = 1..)]
+    pub tasks: Vec<String>,
+    /// The vision config.json [default: config.json beside --base].
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Images loaded per task and split: a seeded subset, in data-set order.
+    #[arg(long, default_value_t = 1000)]
+    pub images: usize,
+    /// Intra-op threads of the model runs (results do not depend on it).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Images per model run.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Cache holding the mini-suite sources (default: the tool's cache root).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +134,7 @@ impl From<MergeError> for MergeCmdError {
 /// What a merge did.
 #[derive(Debug)]
 pub struct MergeReport {
-    pub method: &'static str,
+    pub method: String,
     /// Effective parameters: the method's defaults overridden by the user's values, then the
     /// common ones.
     pub params: Vec<(String, String)>,
@@ -266,7 +310,7 @@ pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmd
     let bytes_read = std::iter::once(&base).chain(&models).map(|c| c.len_bytes() as u64).sum();
     let float_count = base.float_names().count();
     Ok(MergeReport {
-        method: method.name(),
+        method: method.name().to_string(),
         params,
         merged: selection.len(),
         copied: float_count - selection.len(),
@@ -358,6 +402,238 @@ fn write_output(
     Ok(w.write_pending(path)?)
 }
 
+/// Open task `t`'s images for a data-dependent merge: the spec (its mini split chosen by `split`
+/// when it names none), checked against the head's classes, brought to the model's size with
+/// CLIP's preprocessing when it differs, a seeded subset of at most `limit` images.
+#[allow(clippy::too_many_arguments)]
+fn load_task_images(
+    spec_text: &str,
+    split: Split,
+    task: &str,
+    classes: usize,
+    size: usize,
+    limit: usize,
+    seed: u64,
+    opts: &OpenOptions,
+) -> Result<Array4<f32>, MergeCmdError> {
+    let mut spec: DataSpec = spec_text.parse().map_err(|e: DataError| MergeCmdError::Usage(e.to_string()))?;
+    if let DataSpec::Mini { split: s, .. } = &mut spec
+        && spec_text.matches(':').count() == 1
+    {
+        *s = split;
+    }
+    let ds = data::open(&spec, opts).map_err(|e| MergeCmdError::Usage(e.to_string()))?;
+    let numbered = ds.class_names() == data::Dataset::numbered_classes(ds.num_classes()).as_slice();
+    if !(ds.num_classes() == classes || (numbered && ds.num_classes() < classes)) {
+        return Err(MergeCmdError::Usage(format!(
+            "data {spec} has {} classes but the head of task `{task}` has {classes}: is it another task's data?",
+            ds.num_classes()
+        )));
+    }
+    if ds.is_empty() {
+        return Err(MergeCmdError::Usage(format!("data {spec} (task `{task}`) holds no images")));
+    }
+    let ds = if ds.output_size() == Some((size, size)) { ds } else { ds.with_preprocess(Preprocess::Clip(size)) };
+    let mut idx: Vec<usize> = (0..ds.len()).collect();
+    let mut r = rng::stream(seed, &[b"merge-data", split.to_string().as_bytes(), task.as_bytes()]);
+    for i in (1..idx.len()).rev() {
+        let j = r.random_range(0..=i);
+        idx.swap(i, j);
+    }
+    idx.truncate(limit.min(ds.len()));
+    idx.sort_unstable();
+    let sub = ds.subset(ds.name.clone(), &idx);
+    let b = sub.batch(0..sub.len()).map_err(|e| MergeCmdError::Usage(e.to_string()))?;
+    Ok(b.images)
+}
+
+/// A data-dependent merge (`fisher`, `regmean`, `adamerging`, any method with `+surgery`) from
+/// files to files, through [`crate::merging::merge`]. Checkpoints are read with HF names (open_clip
+/// files converted) and written as f32 with HF names; a `+surgery` merge (or a per-task method)
+/// writes one file per task, `<OUT-stem>.task<t>.<ext>`, holding task t's `surgery.down` and
+/// `surgery.up`. Nothing is written unless everything succeeds.
+pub fn merge_with_data(spec: &MergeSpec, args: &DataMergeArgs, out: &Path) -> Result<MergeReport, MergeCmdError> {
+    use crate::merging::{self, Pool, Request, TaskImages};
+    let start = Instant::now();
+    let (base_method, surgery) = merging::split_surgery(&spec.method);
+    let data_method = merging::data_method(base_method);
+    if data_method.is_none() {
+        lookup(base_method)?;
+    }
+    if spec.models.is_empty() {
+        return Err(MergeCmdError::Usage(
+            "no fine-tuned models were given: pass them with --models FT1 FT2 ... (or `models:` in the YAML config)"
+                .into(),
+        ));
+    }
+    if spec.weights.is_some() {
+        return Err(MergeCmdError::Usage(format!("merge method `{}` does not take per-model --weights", spec.method)));
+    }
+    let t = spec.models.len();
+    if args.data.is_empty() {
+        return Err(MergeCmdError::Usage(format!(
+            "merge method `{}` needs images: pass one --data SPEC per fine-tuned model (e.g. --data mini:digits \
+             mini:fashion)",
+            spec.method
+        )));
+    }
+    if args.data.len() != t {
+        return Err(MergeCmdError::Usage(format!(
+            "--data has {} spec(s) but {t} fine-tuned model(s) were given: pass one per model, in the same order",
+            args.data.len()
+        )));
+    }
+    let heads_path = args.heads.as_ref().ok_or_else(|| {
+        MergeCmdError::Usage(format!(
+            "merge method `{}` runs the models: pass the task heads with --heads (e.g. the zoo's heads.safetensors)",
+            spec.method
+        ))
+    })?;
+    let tasks: Vec<String> = if !args.tasks.is_empty() {
+        if args.tasks.len() != t {
+            return Err(MergeCmdError::Usage(format!(
+                "--tasks has {} name(s) but {t} fine-tuned model(s) were given",
+                args.tasks.len()
+            )));
+        }
+        args.tasks.clone()
+    } else {
+        args.data
+            .iter()
+            .map(|d| match d.parse::<DataSpec>() {
+                Ok(DataSpec::Mini { task, .. }) => Ok(task),
+                _ => Err(MergeCmdError::Usage(format!(
+                    "cannot tell which head `{d}` goes with: name the heads with --tasks (one per model)"
+                ))),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let seed: u64 = match spec.params.get("seed") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| MergeError::BadValue {
+            param: "seed".into(),
+            value: v.into(),
+            expected: "a non-negative integer",
+        })?,
+    };
+    let tensors = spec.params.choice_or("tensors", &["vision", "all"], "vision")?;
+    let device: Device = args.device.parse().map_err(|e: RuntimeError| MergeCmdError::Usage(e.to_string()))?;
+    let options = RuntimeOptions { device, threads: args.threads, batch_size: args.batch_size };
+    let mut outs = vec![out.to_path_buf()];
+    let per_task_method = data_method.is_none() && lookup(base_method)?.per_task();
+    if surgery || per_task_method {
+        outs = (0..t).map(|k| task_output_path(out, k)).collect();
+    }
+    let inputs: Vec<&Path> =
+        std::iter::once(spec.base.as_path()).chain(spec.models.iter().map(PathBuf::as_path)).collect();
+    for o in &outs {
+        if let Some(i) = inputs.iter().find(|i| same_file(i, o)) {
+            return Err(MergeCmdError::Usage(format!(
+                "the output `{}` is also an input (`{}`): choose another output path",
+                o.display(),
+                i.display()
+            )));
+        }
+    }
+
+    let rt = |e: RuntimeError| MergeCmdError::Usage(e.to_string());
+    let config = vision_config_for(&spec.base, args.model_config.as_deref()).map_err(rt)?;
+    let (base, base_file) = load_hf_params(&spec.base).map_err(rt)?;
+    let names: Vec<String> = base
+        .names()
+        .filter(|n| {
+            tensors == "all" || (n.starts_with("vision_model.") && *n != "vision_model.embeddings.position_ids")
+        })
+        .map(String::from)
+        .collect();
+    if names.is_empty() {
+        return Err(WeightsError::NoVisionTensors { path: base_file.display().to_string() }.into());
+    }
+    let mut models = Vec::with_capacity(t);
+    for m in &spec.models {
+        let (p, file) = load_hf_params(m).map_err(rt)?;
+        let shown = file.display().to_string();
+        base.check_compatible(&p, &shown, names.iter().map(String::as_str)).map_err(MergeError::from)?;
+        p.check_finite(&shown).map_err(MergeError::from)?;
+        models.push(p);
+    }
+    base.check_finite(&base_file.display().to_string()).map_err(MergeError::from)?;
+    let mut heads = Vec::with_capacity(t);
+    for task in &tasks {
+        heads.push(load_head(heads_path, Some(task)).map_err(rt)?.1);
+    }
+    let opts = OpenOptions { cache_dir: args.cache_dir.clone(), strict: false, classes: None };
+    let needs_train = matches!(data_method, Some("fisher") | Some("regmean"));
+    let needs_test = data_method == Some("adamerging") || surgery;
+    let mut data = Vec::with_capacity(t);
+    for (k, d) in args.data.iter().enumerate() {
+        let classes = heads[k].nrows();
+        let load = |split| {
+            load_task_images(d, split, &tasks[k], classes, config.image_size, args.images, seed, &opts).map(Some)
+        };
+        data.push(TaskImages {
+            train: if needs_train { load(Split::Train)? } else { None },
+            test: if needs_test { load(Split::Test)? } else { None },
+        });
+    }
+    let mut method_params = Params::new();
+    for k in spec.params.keys().filter(|k| !COMMON_PARAMS.iter().any(|c| c.name == *k)) {
+        method_params.set(k, spec.params.get(k).unwrap_or_default());
+    }
+    let pool = Pool { config, tasks: tasks.clone(), base, models, names: names.clone(), heads };
+    let req = Request { method: &spec.method, params: &method_params, seed, data: &data, options };
+    let merged = merging::merge(&pool, &req).map_err(|e| MergeCmdError::Usage(e.to_string()))?;
+
+    let mut params: Vec<(String, String)> =
+        method_params.keys().map(|k| (k.to_string(), method_params.get(k).unwrap_or_default().to_string())).collect();
+    params.push(("tensors".into(), tensors.into()));
+    params.push(("seed".into(), seed.to_string()));
+    let pjson: serde_json::Map<String, serde_json::Value> =
+        params.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+    let inputs_json = serde_json::json!({
+        "base": spec.base.display().to_string(),
+        "models": spec.models.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
+        "data": args.data,
+        "tasks": tasks,
+        "heads": heads_path.display().to_string(),
+    });
+    let mut pending = Vec::new();
+    for (k, path) in outs.iter().enumerate() {
+        let p = merged.task_params(&pool, k);
+        let mut w = Writer::new();
+        w.params(&p, weights::Dtype::F32);
+        w.meta("format", "pt")
+            .meta("mergeattack.method", merged.method.clone())
+            .meta("mergeattack.parameters", serde_json::Value::Object(pjson.clone()).to_string())
+            .meta("mergeattack.inputs", inputs_json.to_string())
+            .meta("mergeattack.version", env!("CARGO_PKG_VERSION"));
+        if outs.len() > 1 {
+            w.meta("mergeattack.task", k.to_string());
+            w.meta("mergeattack.task_name", tasks[k].clone());
+        }
+        pending.push(w.write_pending(path)?);
+    }
+    let mut bytes_written = 0u64;
+    for p in pending {
+        let path = p.path().to_path_buf();
+        p.commit()?;
+        bytes_written += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    let bytes_read = inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    Ok(MergeReport {
+        method: merged.method.clone(),
+        params,
+        merged: names.len(),
+        copied: pool.base.len() - names.len(),
+        carried: 0,
+        models: t,
+        outputs: outs,
+        seconds: start.elapsed().as_secs_f64(),
+        bytes_read,
+        bytes_written,
+    })
+}
+
 fn spinner(msg: String) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(msg);
@@ -401,7 +677,14 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.dtype {
         spec.dtype = d;
     }
-    let r = merge_files(&spec, &args.output)?;
+    let r = if crate::merging::needs_data(&spec.method) {
+        merge_with_data(&spec, &args.data, &args.output)?
+    } else {
+        if !args.data.data.is_empty() {
+            tracing::warn!("merge method `{}` uses no images: --data is ignored", spec.method);
+        }
+        merge_files(&spec, &args.output)?
+    };
     print_summary(&r);
     Ok(())
 }
@@ -459,6 +742,29 @@ pub fn methods_table() -> String {
         for p in m.params() {
             let _ = writeln!(s, "  {:<pw$}  {}", format!("{}={}", p.name, p.default), p.help);
         }
+    }
+    let _ = writeln!(
+        s,
+        "\nData-dependent methods (need --data SPEC per model and --heads; see `mergeattack merge --help`):"
+    );
+    let data_rows: [(&str, &str); 3] = [
+        ("fisher", "Fisher-weighted average (diagonal Fisher of each fine-tuned model on its train images)"),
+        ("regmean", "RegMean: per linear layer the least-squares merge under the train inputs' Grams; rest averaged"),
+        ("adamerging", "coefficients learnt by minimising prediction entropy on unlabelled test images (Adam)"),
+    ];
+    for (name, summary) in data_rows {
+        let _ = writeln!(s, "{name}  {summary}");
+        for p in crate::merging::data_method_params(name) {
+            let _ = writeln!(s, "  {:<18}  {}", format!("{}={}", p.name, p.default), p.help);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "+surgery (suffix on any method, e.g. adamerging+surgery): per-task Representation Surgery on the merged \
+         feature, trained toward the fine-tuned features on unlabelled test images; writes one file per task"
+    );
+    for p in mergeattack_core::merge::surgery::PARAMS {
+        let _ = writeln!(s, "  {:<18}  {}", format!("{}={}", p.name, p.default), p.help);
     }
     let _ = writeln!(s, "every method");
     for p in COMMON_PARAMS {
@@ -531,13 +837,7 @@ pub fn run_demo(dir: &Path, seed: u64) -> Result<Vec<DemoRow>, MergeCmdError> {
             let deltas = merged.iter().map(|m| distance(m, &base, &names)).collect::<Result<Vec<_>, _>>()?;
             (deltas.iter().sum::<f64>() / deltas.len() as f64, d)
         };
-        rows.push(DemoRow {
-            method: report.method,
-            models: report.models,
-            seconds: report.seconds,
-            delta_norm,
-            distances,
-        });
+        rows.push(DemoRow { method: m.name(), models: report.models, seconds: report.seconds, delta_norm, distances });
     }
     Ok(rows)
 }
