@@ -92,6 +92,26 @@ fn smoke_report_has_the_expected_structure_and_sane_values() {
             rows.iter().filter(|r| r["dataset"] == d).map(|r| f(r, "acc_surrogate").unwrap()).collect();
         assert!(accs.windows(2).all(|w| w[0] == w[1]), "{d}: {accs:?}");
     }
+    // The adversarial images are saved (u8, 8-bit quantised) beside the clean ones, within eps
+    // (plus the truncation's last level).
+    let adv = out.join("adversarial/digits");
+    let npy = |name: &str| {
+        let b = std::fs::read(adv.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let header_len = u16::from_le_bytes([b[8], b[9]]) as usize;
+        let header = String::from_utf8_lossy(&b[10..10 + header_len]).into_owned();
+        assert!(header.contains("'descr': '|u1'") && header.contains("(16, 3, 32, 32)"), "{name}: {header}");
+        b[10 + header_len..].to_vec()
+    };
+    let clean = npy("clean.npy");
+    for a in ["fgsm", "pgd"] {
+        let x = npy(&format!("{a}__finetuned__8_255.npy"));
+        let linf = clean.iter().zip(&x).map(|(&c, &v)| (i32::from(c) - i32::from(v)).abs()).max().unwrap();
+        // eps 8/255, then truncation to 8 bits: a pixel pushed down by 8/255 can land one level
+        // lower (float rounding of k/255 - 8/255 before the floor).
+        assert!((1..=9).contains(&linf), "{a}: L-inf distance {linf}/255");
+    }
+    assert!(adv.join("labels.npy").is_file());
+
     let timings = read(&report.join("timings.csv"));
     assert!(timings.starts_with(
         "config_hash,dataset,method,attack,surrogate,eps,seconds_merge,seconds_craft,seconds_evaluate,seconds_load,seconds_metrics\n"

@@ -527,7 +527,7 @@ pub fn run(cfg: &StudyConfig, opts: &RunOptions) -> Result<RunSummary, RunError>
         };
         totals.add("load", t_load.elapsed().as_secs_f64());
         let rt = RuntimeOptions { device: device_of(cfg), threads, batch_size: cfg.batch_size };
-        let ctx = Ctx { cfg, opts, rt, pool: &pool, files: &files, references: &references, res: &res };
+        let ctx = Ctx { cfg, out: &out, opts, rt, pool: &pool, files: &files, references: &references, res: &res };
         sweep(&ctx, &pending, &surrogates, &attack_cfgs, &mut store, &hash, &mut totals, &mut summary)?;
     } else {
         totals.add("load", t_load.elapsed().as_secs_f64());
@@ -584,6 +584,7 @@ fn attack_configs(cfg: &StudyConfig) -> Result<BTreeMap<(String, String), Attack
 /// What the sweep reads.
 struct Ctx<'a> {
     cfg: &'a StudyConfig,
+    out: &'a Path,
     opts: &'a RunOptions,
     rt: RuntimeOptions,
     pool: &'a Pool<'static>,
@@ -726,6 +727,10 @@ fn sweep(
             Some(p) => Some(mk(p, "reference model")?),
             None => None,
         };
+        let dir = ctx.out.join("adversarial").join(&d.name);
+        save_images(&dir, "clean.npy", &x)?;
+        let lab: Vec<u8> = labels.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
+        write_atomic(&dir.join("labels.npy"), &crate::data::npy::to_bytes("<i8", &[n], &lab))?;
         let load_s = t0.elapsed().as_secs_f64();
         totals.add("load", load_s);
 
@@ -782,6 +787,7 @@ fn sweep(
                 Ok(adv)
             })?;
             let craft_s = t0.elapsed().as_secs_f64();
+            save_images(&ctx.out.join("adversarial").join(&d.name), &adv_file_name(&k), &images)?;
             let t0 = Instant::now();
             let surrogate = with_surrogate(&mut table, sref, |c| logits_of(c, &images, &what))?;
             let reference = match reference.as_mut() {
@@ -915,6 +921,41 @@ fn sweep(
     }
     pb.finish_and_clear();
     Ok(())
+}
+
+/// `<attack>__<surrogate>__<eps>.npy` with characters other than letters, digits, `-`, `.` and `_`
+/// replaced by `_`.
+pub fn adv_file_name(k: &AdvKey) -> String {
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect()
+    };
+    format!("{}__{}__{}.npy", clean(&k.0), clean(&k.1), clean(&k.2))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| RunError::Failed(format!("cannot write {}: {e}", path.display()));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Save NCHW images in [0, 1] as `.npy`: u8 `[n, 3, h, w]` when every pixel is a multiple of
+/// 1/255 (8-bit quantised adversarial images, clean images), else f32.
+fn save_images(dir: &Path, name: &str, x: &Array4<f32>) -> Result<(), RunError> {
+    let shape = [x.dim().0, x.dim().1, x.dim().2, x.dim().3];
+    let bytes: Vec<u8> = x.iter().map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+    let exact = x.iter().zip(&bytes).all(|(&v, &b)| f32::from(b) / 255.0 == v);
+    let npy = if exact {
+        crate::data::npy::to_bytes("|u1", &shape, &bytes)
+    } else {
+        let raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        crate::data::npy::to_bytes("<f4", &shape, &raw)
+    };
+    write_atomic(&dir.join(name), &npy)
 }
 
 /// Merge one method over the whole pool; `Ok(Err(reason))` when the method is not available yet.
