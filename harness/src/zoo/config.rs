@@ -115,15 +115,15 @@ impl Default for ZooConfig {
             finetune: "last:2".into(),
             finetune_steps: 150,
             finetune_batch: 64,
-            finetune_lr: 1e-3,
+            finetune_lr: 3e-4,
             finetune_warmup: 20,
             finetune_l2sp: 0.0,
             finetune_eval_every: 0,
             eval_limit: 1000,
             val_limit: 500,
             ties_k: 0.2,
-            ties_lambdas: vec![0.3],
-            ta_lambdas: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
+            ties_lambdas: vec![0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+            ta_lambdas: vec![0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
         }
     }
 }
@@ -146,7 +146,9 @@ impl ZooConfig {
             finetune_warmup: 4,
             eval_limit: 300,
             val_limit: 200,
+            finetune_lr: 1e-3,
             ta_lambdas: vec![0.3, 0.6, 1.0],
+            ties_lambdas: vec![0.3],
             ..ZooConfig::default()
         }
     }
@@ -268,5 +270,13 @@ mod tests {
         assert!(e.contains("widht") && e.contains("z.toml"), "{e}");
         let bad = ZooConfig { tasks: vec!["cifar".into()], ..ZooConfig::default() };
         assert!(bad.validate().unwrap_err().contains("cifar"));
+        let bad = ZooConfig { ties_lambdas: vec![], ..ZooConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("ties_lambdas"));
+        let bad = ZooConfig { ta_lambdas: vec![0.3, f32::NAN], ..ZooConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("ta_lambdas"));
+        let bad = ZooConfig { finetune_l2sp: -1.0, ..ZooConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("finetune_l2sp"));
+        let bad = ZooConfig { ties_k: 0.0, ..ZooConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("ties_k"));
     }
 }
