@@ -50,11 +50,72 @@ fn status_mb(key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// `MERGEATTACK_BENCH_MEMORY=1`: only the peak resident memory of one model doing a forward pass
+/// and a forward + input gradient (nothing else in the process), then exit; with `=fed` the model's
+/// weights are fed per run (after `Model::update_weights`, the training path).
+fn memory_only(cfg: &ClipVisionConfig, opts: &RuntimeOptions, batch: usize, fed: bool) {
+    let (params, head) = random_model(cfg);
+    let x = images(batch, cfg);
+    let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
+    let mut phases = vec![format!("random_weights={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN))];
+    let mut model = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
+    if fed {
+        let one: ParamSet = params.iter().take(1).map(|(n, t)| (n.to_string(), t.clone())).collect();
+        model.update_weights(&one).unwrap();
+    }
+    drop(params); // as in the CLI: the model holds the only copy of the weights
+    phases.push(format!("weights_bound={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN)));
+    let t = Instant::now();
+    let logits = model.logits(x.view()).unwrap();
+    let fwd = t.elapsed();
+    phases.push(format!("forward={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN)));
+    let t = Instant::now();
+    let g = model.loss_grad(x.view(), &labels).unwrap();
+    let grad = t.elapsed();
+    phases.push(format!("forward_input_grad={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN)));
+    let (t, c0) = (Instant::now(), cpu_s());
+    let g2 = model.loss_grad(x.view(), &labels).unwrap();
+    let (grad2, grad2_cpu) = (t.elapsed(), cpu_s() - c0);
+    let (t, c0) = (Instant::now(), cpu_s());
+    model.logits(x.view()).unwrap();
+    let (fwd2, fwd2_cpu) = (t.elapsed(), cpu_s() - c0);
+    assert_eq!(g.grad, g2.grad, "repeatable");
+    println!(
+        "engine-memory-only fed={fed} threads={} batch={batch} peak_rss_mb={:.0} first_forward_s={:.2} \
+         first_grad_s={:.2} second_grad_s={:.2} second_grad_cpu_s={:.2} second_forward_s={:.2} \
+         second_forward_cpu_s={:.2} logit0={:e} {}",
+        opts.threads,
+        status_mb("VmHWM:").unwrap_or(f64::NAN),
+        fwd.as_secs_f64(),
+        grad.as_secs_f64(),
+        grad2.as_secs_f64(),
+        grad2_cpu,
+        fwd2.as_secs_f64(),
+        fwd2_cpu,
+        logits[[0, 0]],
+        phases.join(" ")
+    );
+}
+
+/// CPU seconds (user + system) this process has used: less sensitive than wall time to other jobs
+/// on a shared machine.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(f64::NAN)).collect();
+    // Fields 14 and 15 (utime, stime) of proc(5), counted after the command name; 100 ticks/s.
+    f.get(11).zip(f.get(12)).map_or(f64::NAN, |(u, s)| (u + s) / 100.0)
+}
+
 fn engine(c: &mut Criterion) {
     let cfg = ClipVisionConfig::vit_b32();
     let threads = env_usize("MERGEATTACK_BENCH_THREADS", 2);
     let batch = env_usize("MERGEATTACK_BENCH_BATCH", 32);
     let opts = RuntimeOptions { threads, batch_size: batch, ..Default::default() };
+    if let Ok(mode) = std::env::var("MERGEATTACK_BENCH_MEMORY") {
+        memory_only(&cfg, &opts, batch, mode == "fed");
+        std::process::exit(0);
+    }
     let (params, head) = random_model(&cfg);
     let x = images(batch, &cfg);
     let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();

@@ -1,12 +1,14 @@
 //! ONNX Runtime sessions for the CLIP graphs: device and thread choice, weights bound as external
-//! initializers, and [`Model`], the CLIP vision classifier that implements
-//! [`mergeattack_core::classifier::Classifier`].
+//! initializers ([`create_session`], the text tower), and [`Model`], the CLIP vision classifier
+//! that implements [`mergeattack_core::classifier::Classifier`].
 //!
 //! One graph per architecture (cached per process, keyed by config, class count and outputs); one
-//! session per weight set and purpose, created on first use: a forward pass never pays for a
-//! backward graph. Weights are copied once into ONNX Runtime values that every session of a model
-//! shares (ENGINE.md: external initializers keep the graph bytes small and outputs bitwise
-//! deterministic for any thread count).
+//! session per purpose, created on first use: a forward pass never pays for a backward graph. A
+//! [`Model`]'s weights are graph inputs fed with every run from the one copy the model holds
+//! (issue 3): sessions carry no weight copies (bound initializers cost a constant-folded and a
+//! pre-packed copy per session: 4.3 GB peak for ViT-B/32 forward + input gradient at batch 32,
+//! 1.7 GB fed), sessions are made in milliseconds, [`Model::update_weights`] replaces weights
+//! without rebuilding anything, and outputs stay bitwise deterministic for any thread count.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -277,14 +279,30 @@ fn session_builder(opts: &RuntimeOptions) -> Result<ort::session::builder::Sessi
     b = b.with_inter_threads(1).map_err(|e| RuntimeError::ort("set the thread count")(e.into()))?;
     b = b.with_deterministic_compute(true).map_err(|e| RuntimeError::ort("ask for deterministic compute")(e.into()))?;
     b = b.with_intra_op_spinning(false).map_err(|e| RuntimeError::ort("turn off spinning")(e.into()))?;
-    // MatMulScaleFusion folds a constant scale into a MatMul (one rounding instead of two). It
-    // fires on `exp(logit_scale)` only when the scale is a bound initializer, so without this a
-    // model with fed weights (Model::update_weights) would differ from a fresh one in the last
-    // bits of its gradients.
-    b = b
-        .with_disabled_optimizers("MatMulScaleFusion")
-        .map_err(|e| RuntimeError::ort("disable an optimizer")(e.into()))?;
+    // Peak memory (issue 3): ONNX Runtime's CPU arena keeps every chunk it ever grew (a backward
+    // pass of ViT-B/32 at batch 32 left ~1.2 GB resident and peaked ~1.3 GB above that), and the
+    // memory pattern pre-plans one block per input shape. Without both, activations are allocated
+    // and freed per tensor; outputs are unchanged and the cost was within the noise here.
+    b = b.with_memory_pattern(false).map_err(|e| RuntimeError::ort("turn off the memory pattern")(e.into()))?;
+    disable_cpu_arena(&mut b)?;
     Ok(b)
+}
+
+/// Turn off the CPU memory arena of the sessions `b` makes (ort has no safe wrapper for it).
+fn disable_cpu_arena(b: &mut ort::session::builder::SessionBuilder) -> Result<(), RuntimeError> {
+    use ort::AsPointer;
+    let api = ort::api();
+    // SAFETY: `b` owns a valid OrtSessionOptions for the duration of the call; a returned status
+    // is ours to read and release.
+    unsafe {
+        let status = (api.DisableCpuMemArena)(b.ptr_mut());
+        if !status.0.is_null() {
+            let msg = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+            (api.ReleaseStatus)(status.0);
+            return Err(RuntimeError::Ort { context: "turn off the CPU memory arena".into(), detail: msg });
+        }
+    }
+    Ok(())
 }
 
 /// A session for a graph whose weights are graph inputs (fed with every run).
@@ -590,8 +608,7 @@ type GraphKey = (String, usize, Option<usize>, Purpose);
 
 /// A serialised graph with the external initializers it needs and its output names.
 struct CachedGraph {
-    bytes: Vec<u8>,
-    /// The same graph with the weights as inputs (for models whose weights are updated).
+    /// The graph with its weights as inputs after the regular ones.
     fed_bytes: Vec<u8>,
     required: Vec<(String, Vec<usize>)>,
     outputs: Vec<String>,
@@ -612,7 +629,6 @@ fn cached_graph(
     }
     let g = vision::build_vision(cfg, classes, &purpose.outputs(surgery), ElemType::F32)?;
     let entry = Arc::new(CachedGraph {
-        bytes: g.to_bytes(),
         fed_bytes: g.to_bytes_weights_as_inputs(),
         required: external_shapes(&g),
         outputs: g.output_names(),
@@ -653,9 +669,6 @@ pub struct Model {
     opts: RuntimeOptions,
     weights: BoundWeights,
     sessions: HashMap<Purpose, (Session, Arc<CachedGraph>)>,
-    /// Weights are fed as inputs with every run (after [`Model::update_weights`]) instead of
-    /// being bound as initializers at session creation.
-    fed: bool,
     name: String,
 }
 
@@ -701,7 +714,7 @@ impl Model {
         let hint = missing_hint;
         let weights =
             BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
-        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), fed: false, name: name.into() })
+        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), name: name.into() })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
@@ -743,11 +756,7 @@ impl Model {
         if !self.sessions.contains_key(&purpose) {
             let graph = cached_graph(&self.config, self.classes, self.surgery, purpose)?;
             let t = std::time::Instant::now();
-            let s = if self.fed {
-                create_fed_session(&graph.fed_bytes, &self.opts)?
-            } else {
-                create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?
-            };
+            let s = create_fed_session(&graph.fed_bytes, &self.opts)?;
             tracing::debug!("{:?} session for {} in {:.2?}", purpose, self.name, t.elapsed());
             self.sessions.insert(purpose, (s, graph));
         }
@@ -755,12 +764,9 @@ impl Model {
     }
 
     /// Replace the values of some or all weights (HF names as in [`Model::from_params`], plus
-    /// [`HEAD`] and [`LOGIT_SCALE`]) without rebuilding the sessions: the first call switches the
-    /// model to sessions whose weights are graph inputs fed with every run (made once, on first
-    /// use, like the others), and later calls only copy the new values into the bound tensors.
-    /// Outputs afterwards are bitwise those of a model built from scratch with the new weights and
-    /// then updated (the fed sessions run the same graph; ONNX Runtime computes identically
-    /// whether a weight is bound or fed, which the tests check).
+    /// [`HEAD`] and [`LOGIT_SCALE`]) without rebuilding any session: the weights are graph inputs
+    /// fed with every run, so this only copies the new values into the model's tensors. Outputs
+    /// afterwards are bitwise those of a model built from scratch with the new weights.
     ///
     /// Every tensor of `params` must be a weight of the model with its bound shape (a `[1]`
     /// logit_scale is taken as the scalar) and finite; otherwise nothing changes and the error
@@ -791,11 +797,6 @@ impl Model {
                 )));
             }
             slots.push((i, t));
-        }
-        if !self.fed {
-            // Sessions made so far hold the old values as initializers.
-            self.sessions.clear();
-            self.fed = true;
         }
         for (i, t) in slots {
             self.weights.overwrite(i, t)?;
@@ -884,15 +885,13 @@ impl Model {
         }
         self.session(purpose)?;
         let (session, graph) = self.sessions.get_mut(&purpose).expect("made above");
-        if self.fed {
-            for (name, _) in &graph.required {
-                let v = self.weights.get(name).ok_or_else(|| RuntimeError::MissingTensor {
-                    name: name.clone(),
-                    source_name: "the bound weights".into(),
-                    hint: String::new(),
-                })?;
-                inputs.push((name.clone().into(), v.into()));
-            }
+        for (name, _) in &graph.required {
+            let v = self.weights.get(name).ok_or_else(|| RuntimeError::MissingTensor {
+                name: name.clone(),
+                source_name: "the bound weights".into(),
+                hint: String::new(),
+            })?;
+            inputs.push((name.clone().into(), v.into()));
         }
         let out = session.run(inputs).map_err(RuntimeError::ort("run the model"))?;
         let mut res = Vec::with_capacity(outputs.len());
