@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The engine benchmark: benches/engine.rs (criterion; ViT-B/32-sized random CLIP vision tower,
-# batch 32, 2 threads: forward and forward + input gradient images/s, session creation, peak RSS),
+# batch 32, 2 threads: forward and forward + input gradient images/s, session creation, peak RSS
+# of the memory-only run: MERGEATTACK_BENCH_MEMORY=1),
 # then the same computation in PyTorch eager (scripts/clip_reference/bench_torch.py) when torch is
 # importable by $PYTHON (default python3), and the ratios.
 #
@@ -12,6 +13,9 @@ PROFILE="${PROFILE:-release}"
 PYTHON="${PYTHON:-python3}"
 lscpu | grep -E "Model name|^CPU\(s\)" || true
 log="$(mktemp)"
+# Peak resident memory of one model doing a forward pass and a forward + input gradient, alone in
+# its process (the criterion run below also creates extra models for the session-creation timing).
+MERGEATTACK_BENCH_MEMORY=1 cargo bench --profile "$PROFILE" --bench engine 2>&1 | grep engine-memory-only || true
 cargo bench --profile "$PROFILE" --bench engine -- --noplot 2>&1 | tee "$log"
 ips() { # criterion's mean time per batch -> images/s
   "$PYTHON" -c "import json,sys; e=json.load(open(sys.argv[1])); print(${MERGEATTACK_BENCH_BATCH:-32}/(e['mean']['point_estimate']*1e-9))" \
