@@ -81,7 +81,7 @@ fn memory_only(cfg: &ClipVisionConfig, opts: &RuntimeOptions, batch: usize, fed:
     let (fwd2, fwd2_cpu) = (t.elapsed(), cpu_s() - c0);
     assert_eq!(g.grad, g2.grad, "repeatable");
     println!(
-        "engine-memory-only fed={fed} threads={} batch={batch} peak_rss_mb={:.0} first_forward_s={:.2} \
+        "engine-memory-only updated_first={fed} threads={} batch={batch} peak_rss_mb={:.0} first_forward_s={:.2} \
          first_grad_s={:.2} second_grad_s={:.2} second_grad_cpu_s={:.2} second_forward_s={:.2} \
          second_forward_cpu_s={:.2} logit0={:e} {}",
         opts.threads,
