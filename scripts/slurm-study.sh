@@ -5,6 +5,10 @@
 #   # when all array tasks are done:
 #   mergeattack report study-out/results-*.sqlite -o study-out/report
 #
+# The report's metrics.csv is byte-identical to the one of a single unsharded run of the same
+# config and seed (whatever the thread counts or interruptions); timings.csv holds each setting's
+# seconds per phase. Adversarial images of each shard are saved under $OUT/adversarial/.
+#
 # Shard i takes settings i, i+n, i+2n, ... of the study's fixed enumeration (`--shard i/n`,
 # 0-based). Each shard writes its own results store, so shards never contend for one SQLite file;
 # `mergeattack report` reads several stores together. A shard that is killed (time limit,
@@ -30,4 +34,7 @@ srun mergeattack study \
     --config "$CONFIG" \
     --shard "${INDEX}/${COUNT}" \
     --threads "${SLURM_CPUS_PER_TASK:-8}" \
+    --out "$OUT" \
+    --quiet \
+    --no-report \
     --store "$OUT/results-${INDEX}-of-${COUNT}.sqlite"

@@ -6,10 +6,12 @@
 //! byte-identical for one config and seed whatever the threads, shards or interruptions),
 //! `timings.csv` (seconds per phase of every setting, the runner's `load` and `metrics` included),
 //! and SVG plots (`heatmap_rtasr.svg`, `scatter_rtasr_vs_accuracy.svg`,
-//! `scatter_bias_vs_rtasr.svg`, `bars_attack_rtasr.svg`). PNG versions are not produced.
+//! `scatter_bias_vs_rtasr.svg`, `bars_attack_rtasr.svg`) with PNG versions of each (rasterised from
+//! the SVG, see [`png`]).
 //! Every file is written to a temporary file in DIR and renamed into place.
 
 pub mod findings;
+pub mod png;
 pub mod svg;
 pub mod table;
 
@@ -52,6 +54,10 @@ pub const FILES: &[&str] = &[
     "scatter_bias_vs_rtasr.svg",
     "bars_attack_rtasr.svg",
     "report.md",
+    "heatmap_rtasr.png",
+    "scatter_rtasr_vs_accuracy.png",
+    "scatter_bias_vs_rtasr.png",
+    "bars_attack_rtasr.png",
 ];
 
 /// Read `stores` together and write the report into `out` (created if needed).
@@ -78,9 +84,23 @@ pub fn write_report(stores: &[PathBuf], out: &Path) -> Result<ReportSummary, Rep
         markdown(&rows, &names, &phases, &skipped),
     ];
     let mut files = Vec::new();
+    let mut svgs: Vec<(String, String)> = Vec::new();
     for (name, text) in FILES.iter().zip(contents) {
         let path = out.join(name);
         write_atomic(&path, text.as_bytes())?;
+        files.push(path);
+        if let Some(stem) = name.strip_suffix(".svg") {
+            svgs.push((format!("{stem}.png"), text));
+        }
+    }
+    // PNG versions of the plots (FILES lists them after the text files, in the same order).
+    let raster = png::Rasteriser::new();
+    for (name, svg) in svgs {
+        let path = out.join(&name);
+        let bytes = raster
+            .png(&svg, 2.0)
+            .map_err(|detail| ReportError::Io { path: path.clone(), source: std::io::Error::other(detail) })?;
+        write_atomic(&path, &bytes)?;
         files.push(path);
     }
     tracing::info!("report of {} settings written to {}", rows.len(), out.display());
