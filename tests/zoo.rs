@@ -102,7 +102,7 @@ fn reduced_zoo_is_deterministic_cached_and_fine_tuning_helps() {
 fn reuses_a_matching_pretrained_encoder_and_refuses_another(tmp: &Path, a: &Path) {
     // Other fine-tuning settings, same pretraining: the encoder is reused byte for byte.
     let ft = tmp.join("ft.toml");
-    std::fs::write(&ft, "finetune_steps = 4\nfinetune_warmup = 1\n").unwrap();
+    std::fs::write(&ft, "finetune_steps = 5\nfinetune_warmup = 1\nfinetune_eval_every = 2\n").unwrap();
     let c = tmp.join("c");
     let args = |cfg: &Path, out: &Path| {
         let v: Vec<String> = ["zoo", "build", "--reduced", "--config", cfg.to_str().unwrap(), "--out"]
@@ -123,6 +123,15 @@ fn reuses_a_matching_pretrained_encoder_and_refuses_another(tmp: &Path, a: &Path
     let first_last =
         |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["pretrain_loss_first_last"].clone();
     assert_eq!(first_last(&sa), first_last(&sc));
+    // Early stopping checked steps 2, 4 and 5 and kept one of them, for every model.
+    let kept = serde_json::from_str::<serde_json::Value>(&sc).unwrap()["finetune_kept_steps"].clone();
+    let kept = kept.as_array().unwrap();
+    assert_eq!(kept.len(), 3);
+    for k in kept {
+        for i in [1, 2] {
+            assert!([2, 4, 5].contains(&k[i].as_u64().unwrap()), "{k}");
+        }
+    }
     // Other pretraining settings: refused, the file named, nothing written.
     let pt = tmp.join("pt.toml");
     std::fs::write(&pt, "pretrain_steps = 3\n").unwrap();

@@ -47,6 +47,9 @@ pub struct Summary {
     pub bar: Bar,
     pub times_s: Vec<(String, f64)>,
     pub pretrain_loss_first_last: (f64, f64),
+    /// Per task: the steps the fine-tuned and reference weights were trained for (fewer than
+    /// `finetune_steps` when early stopping kept an earlier checkpoint).
+    pub finetune_kept_steps: Vec<(String, usize, usize)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -263,6 +266,13 @@ pub fn markdown(s: &Summary) -> String {
         o.push('\n');
     }
     o.push_str(&format!("\nMean off-diagonal forgetting: {:+.3}.\n\n", s.mean_forgetting));
+    if s.config.finetune_eval_every > 0 {
+        o.push_str(&format!(
+            "Early stopping on validation every {} steps; steps kept (fine-tuned / reference): {}.\n\n",
+            s.config.finetune_eval_every,
+            s.finetune_kept_steps.iter().map(|(t, a, b)| format!("{t} {a}/{b}")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     o.push_str(&format!(
         "Pretraining NT-Xent: {:.3} at the first step, {:.3} at the last.\n\nTimes: {}.\n",
         s.pretrain_loss_first_last.0,

@@ -211,14 +211,16 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
     let t = Instant::now();
     let pb = train::bar(2 * tasks.len() * cfg.finetune_steps, "fine-tuning");
     let mut finetuned = Vec::new();
+    let mut kept_steps = Vec::new();
     let mut reference = Vec::new();
     for (task, head) in tasks.iter().zip(&heads) {
         pb.set_message(format!("fine-tuning {}", task.name));
-        let ft = train::finetune(cfg, &pretrained, head.view(), task, "finetune", &pb)?;
+        let (ft, ft_steps) = train::finetune(cfg, &pretrained, head.view(), task, "finetune", &pb)?;
         write_model(&dir.join("finetuned").join(&task.name), cfg, &ft, "finetuned")?;
         finetuned.push(ft);
         pb.set_message(format!("reference {}", task.name));
-        let rf = train::finetune(cfg, &pretrained, head.view(), task, "reference", &pb)?;
+        let (rf, rf_steps) = train::finetune(cfg, &pretrained, head.view(), task, "reference", &pb)?;
+        kept_steps.push((task.name.clone(), ft_steps, rf_steps));
         write_model(&dir.join("reference").join(&task.name), cfg, &rf, "reference")?;
         reference.push(rf);
     }
@@ -246,6 +248,7 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
         bar,
         times_s: times,
         pretrain_loss_first_last: loss_first_last,
+        finetune_kept_steps: kept_steps,
     };
     std::fs::write(dir.join("summary.md"), eval::markdown(&summary)).context("write summary.md")?;
     // Timings vary run to run: keep them out of the byte-compared summary.json, in times.json.

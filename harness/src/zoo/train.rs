@@ -286,7 +286,8 @@ pub fn class_head(cfg: &ZooConfig, params: &ParamSet<'_>, task: &TaskData) -> Re
 /// Fine-tune `base` on `task` with its frozen head (Adam, mean cross-entropy, warm-up + cosine,
 /// optional L2-SP pull toward `base`); `purpose` ("finetune" / "reference") picks the seed stream.
 /// With `finetune_eval_every` = k > 0, the weights of the checkpoint (every k steps and the last)
-/// with the best validation accuracy are returned (early stopping).
+/// with the best validation accuracy are returned (early stopping). Returns the weights and the
+/// number of steps they were trained for.
 pub fn finetune(
     cfg: &ZooConfig,
     base: &ParamSet<'_>,
@@ -294,7 +295,7 @@ pub fn finetune(
     task: &TaskData,
     purpose: &str,
     pb: &ProgressBar,
-) -> Result<ParamSet<'static>> {
+) -> Result<(ParamSet<'static>, usize)> {
     let scope: Scope = cfg.scope().map_err(anyhow::Error::msg)?;
     let mut params = base.clone().into_owned();
     let names: Vec<String> = params.names().filter(|n| scope.trains(n, cfg.layers)).map(String::from).collect();
@@ -341,9 +342,9 @@ pub fn finetune(
     }
     if let Some((v, at, p)) = best {
         tracing::info!("{purpose} {}: kept step {at} of {} (validation {v:.4})", task.name, cfg.finetune_steps);
-        return Ok(p);
+        return Ok((p, at));
     }
-    Ok(params)
+    Ok((params, cfg.finetune_steps))
 }
 
 /// A model for evaluating encoders with `head` (weights replaced with `update_weights`).
