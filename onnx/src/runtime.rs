@@ -608,6 +608,8 @@ type GraphKey = (String, usize, Option<usize>, Purpose);
 
 /// A serialised graph with the external initializers it needs and its output names.
 struct CachedGraph {
+    /// The graph with its weights as external initializers (bound at session creation).
+    bytes: Vec<u8>,
     /// The graph with its weights as inputs after the regular ones.
     fed_bytes: Vec<u8>,
     required: Vec<(String, Vec<usize>)>,
@@ -629,6 +631,7 @@ fn cached_graph(
     }
     let g = vision::build_vision(cfg, classes, &purpose.outputs(surgery), ElemType::F32)?;
     let entry = Arc::new(CachedGraph {
+        bytes: g.to_bytes(),
         fed_bytes: g.to_bytes_weights_as_inputs(),
         required: external_shapes(&g),
         outputs: g.output_names(),
@@ -669,6 +672,9 @@ pub struct Model {
     opts: RuntimeOptions,
     weights: BoundWeights,
     sessions: HashMap<Purpose, (Session, Arc<CachedGraph>)>,
+    /// Weights fed as inputs with every run (the CPU); else bound as initializers at session
+    /// creation (CUDA and auto: fed host weights would cross to the device on every run).
+    fed: bool,
     name: String,
 }
 
@@ -714,7 +720,17 @@ impl Model {
         let hint = missing_hint;
         let weights =
             BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
-        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), name: name.into() })
+        let fed = opts.device == Device::Cpu;
+        Ok(Model {
+            config,
+            classes,
+            surgery,
+            opts,
+            weights,
+            sessions: HashMap::new(),
+            fed,
+            name: name.into(),
+        })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
@@ -756,7 +772,11 @@ impl Model {
         if !self.sessions.contains_key(&purpose) {
             let graph = cached_graph(&self.config, self.classes, self.surgery, purpose)?;
             let t = std::time::Instant::now();
-            let s = create_fed_session(&graph.fed_bytes, &self.opts)?;
+            let s = if self.fed {
+                create_fed_session(&graph.fed_bytes, &self.opts)?
+            } else {
+                create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?
+            };
             tracing::debug!("{:?} session for {} in {:.2?}", purpose, self.name, t.elapsed());
             self.sessions.insert(purpose, (s, graph));
         }
@@ -764,9 +784,10 @@ impl Model {
     }
 
     /// Replace the values of some or all weights (HF names as in [`Model::from_params`], plus
-    /// [`HEAD`] and [`LOGIT_SCALE`]) without rebuilding any session: the weights are graph inputs
-    /// fed with every run, so this only copies the new values into the model's tensors. Outputs
-    /// afterwards are bitwise those of a model built from scratch with the new weights.
+    /// [`HEAD`] and [`LOGIT_SCALE`]) without rebuilding any session: on the CPU the weights are
+    /// graph inputs fed with every run, so this only copies the new values into the model's
+    /// tensors. Outputs afterwards are bitwise those of a model built from scratch with the new
+    /// weights. (On CUDA the sessions hold the weights and are remade on next use.)
     ///
     /// Every tensor of `params` must be a weight of the model with its bound shape (a `[1]`
     /// logit_scale is taken as the scalar) and finite; otherwise nothing changes and the error
@@ -797,6 +818,9 @@ impl Model {
                 )));
             }
             slots.push((i, t));
+        }
+        if !self.fed {
+            self.sessions.clear();
         }
         for (i, t) in slots {
             self.weights.overwrite(i, t)?;
@@ -885,7 +909,7 @@ impl Model {
         }
         self.session(purpose)?;
         let (session, graph) = self.sessions.get_mut(&purpose).expect("made above");
-        for (name, _) in &graph.required {
+        for (name, _) in graph.required.iter().filter(|_| self.fed) {
             let v = self.weights.get(name).ok_or_else(|| RuntimeError::MissingTensor {
                 name: name.clone(),
                 source_name: "the bound weights".into(),
