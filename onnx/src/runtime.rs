@@ -721,16 +721,7 @@ impl Model {
         let weights =
             BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
         let fed = opts.device == Device::Cpu;
-        Ok(Model {
-            config,
-            classes,
-            surgery,
-            opts,
-            weights,
-            sessions: HashMap::new(),
-            fed,
-            name: name.into(),
-        })
+        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), fed, name: name.into() })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
