@@ -94,3 +94,48 @@ fn bad_export_inputs_are_one_sentence_and_leave_nothing() {
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written");
     }
 }
+
+#[test]
+fn exported_surgery_model_keeps_its_feature_correction() {
+    use mergeattack_core::tensor::ParamSet;
+    use mergeattack_onnx::runtime::load_hf_params;
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixture's weights plus a rank-2 surgery module, as a `+surgery` merge writes them.
+    let (params, _) = load_hf_params(&dir.join("model.safetensors")).unwrap();
+    let proj = params.get("visual_projection.weight").unwrap().shape()[0];
+    let mut with: ParamSet<'static> = params.into_owned();
+    let fill = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * 0.37 + k).sin()) * 0.3).collect::<Vec<f32>>();
+    with.insert_owned("surgery.down", ArrayD::from_shape_vec(IxDyn(&[2, proj]), fill(2 * proj, 0.1)).unwrap());
+    with.insert_owned("surgery.up", ArrayD::from_shape_vec(IxDyn(&[proj, 2]), fill(2 * proj, 1.3)).unwrap());
+    std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let weights = tmp.path().join("model.safetensors");
+    mergeattack_onnx::weights::save(&weights, &with, &[("format", "pt")]).unwrap();
+    let out = tmp.path().join("surgery.onnx");
+    let heads = dir.join("heads.safetensors");
+    let (code, stdout, stderr) = run_cli([
+        "export".as_ref(),
+        "--model".as_ref(),
+        weights.as_os_str(),
+        "--head".as_ref(),
+        heads.as_os_str(),
+        "--task".as_ref(),
+        "random".as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let x: Array4<f32> = reference_f32("pixels").into_dimensionality().unwrap();
+    let (logits, features) = run_exported(&out, x.view(), 2).unwrap();
+    let load = |w: &Path| Model::load(w, None, None, &heads, Some("random"), RuntimeOptions::default()).unwrap();
+    let mut corrected = load(&weights);
+    assert_eq!(corrected.surgery_rank(), Some(2));
+    let (want_l, want_f) = corrected.forward(x.view()).unwrap();
+    let err = logits.iter().zip(want_l.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-5, "exported logits differ from the tool's surgery model by {err}");
+    let ferr = features.iter().zip(want_f.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(ferr <= 1e-5, "exported features differ by {ferr}");
+    let (plain_l, _) = load(&dir.join("model.safetensors")).forward(x.view()).unwrap();
+    let moved = logits.iter().zip(plain_l.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(moved > 1e-3, "the surgery block must change the logits (max change {moved})");
+}

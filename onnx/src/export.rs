@@ -48,7 +48,9 @@ pub fn export(
     external: ExternalData,
 ) -> Result<ExportSummary, RuntimeError> {
     let tensors = weights.graph_params(head)?;
-    let outputs = VisionOutputs { logits: true, features: true, ..Default::default() };
+    // A `+surgery` merge's feature correction is part of the model: export it with the block.
+    let outputs =
+        VisionOutputs { logits: true, features: true, surgery: weights.surgery_rank()?, ..Default::default() };
     let graph = vision::build_vision(&weights.config, head.nrows(), &outputs, ElemType::F32)?;
     let mut model = graph.to_model();
     let g = model.graph.as_mut().expect("a graph");

@@ -486,12 +486,20 @@ impl VisionWeights {
         Ok(VisionWeights { config: cfg, params, source: file.display().to_string() })
     }
 
+    /// The rank of the Representation Surgery block these weights carry (`surgery.*` tensors of a
+    /// `+surgery` merge), or `None`.
+    pub fn surgery_rank(&self) -> Result<Option<usize>, RuntimeError> {
+        surgery_rank_of(&self.config, &self.params, &self.source)
+    }
+
     /// The weights of a vision graph with `head` bound and checked: every tensor of
-    /// [`all_vision_weights`] with its shape (logit_scale defaulting to ln 100), in graph order.
+    /// [`all_vision_weights_with_surgery`] with its shape (logit_scale defaulting to ln 100), in
+    /// graph order.
     pub fn graph_params(&self, head: ArrayView2<'_, f32>) -> Result<Vec<NamedData>, RuntimeError> {
         let all = model_params(&self.config, &self.params, head, &self.source)?;
+        let surgery = surgery_rank_of(&self.config, &all, &self.source)?;
         let mut out = Vec::new();
-        for (name, shape) in all_vision_weights(&self.config, head.nrows()) {
+        for (name, shape) in all_vision_weights_with_surgery(&self.config, head.nrows(), surgery) {
             let t = all.get(&name).ok_or_else(|| RuntimeError::MissingTensor {
                 name: name.clone(),
                 source_name: self.source.clone(),
@@ -514,6 +522,22 @@ impl VisionWeights {
             out.push((name, shape, t.as_standard_layout().iter().copied().collect()));
         }
         Ok(out)
+    }
+}
+
+/// The rank of the Representation Surgery block the weights carry: a `surgery.down`
+/// [rank, projection_dim] turns it on (`surgery.up` is then required with shape
+/// [projection_dim, rank]; binding names what is wrong), no `surgery.down` means none.
+fn surgery_rank_of(config: &ClipVisionConfig, all: &ParamSet<'_>, source: &str) -> Result<Option<usize>, RuntimeError> {
+    match all.get(vision::SURGERY_DOWN) {
+        None => Ok(None),
+        Some(t) if t.ndim() == 2 && t.shape()[0] > 0 => Ok(Some(t.shape()[0])),
+        Some(t) => Err(RuntimeError::TensorShape {
+            name: vision::SURGERY_DOWN.into(),
+            source_name: source.into(),
+            expected: vec![1, config.projection_dim],
+            got: t.shape().to_vec(),
+        }),
     }
 }
 
@@ -703,20 +727,7 @@ impl Model {
         }
         let all = model_params(&config, params, head, name)?;
         let classes = head.nrows();
-        // A `surgery.down` [rank, projection_dim] turns the surgery block on (`surgery.up` is then
-        // required with shape [projection_dim, rank]; the binding below names what is wrong).
-        let surgery = match all.get(vision::SURGERY_DOWN) {
-            None => None,
-            Some(t) if t.ndim() == 2 && t.shape()[0] > 0 => Some(t.shape()[0]),
-            Some(t) => {
-                return Err(RuntimeError::TensorShape {
-                    name: vision::SURGERY_DOWN.into(),
-                    source_name: name.into(),
-                    expected: vec![1, config.projection_dim],
-                    got: t.shape().to_vec(),
-                });
-            }
-        };
+        let surgery = surgery_rank_of(&config, &all, name)?;
         let hint = missing_hint;
         let weights =
             BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
