@@ -15,8 +15,8 @@
 //! Each finished setting is written in one store transaction with its phase seconds (shared work
 //! is split evenly over the settings that share it, so the per-setting seconds add up to the
 //! run's time). Settings already in the store are skipped, so a killed run resumes where it
-//! stopped; `--shard i/n` runs every n-th setting. A method that cannot be merged yet (the
-//! data-dependent methods before they are built) is skipped with a note and recorded as skipped.
+//! stopped; `--shard i/n` runs every n-th setting. A method that cannot merge a pool of this size
+//! (`slerp` takes exactly two models) is skipped with a note and recorded as skipped.
 //! Nothing here reads the clock or the thread count for a result: the same config and seed give
 //! bitwise the same metrics.
 
@@ -958,7 +958,8 @@ fn save_images(dir: &Path, name: &str, x: &Array4<f32>) -> Result<(), RunError> 
     write_atomic(&dir.join(name), &npy)
 }
 
-/// Merge one method over the whole pool; `Ok(Err(reason))` when the method is not available yet.
+/// Merge one method over the whole pool; `Ok(Err(reason))` when the method cannot merge a pool of
+/// this size (e.g. `slerp`, which takes exactly two models, in a study of seven tasks).
 fn merge_once<'p>(ctx: &Ctx<'p>, m: &super::config::MethodSpec) -> Result<Result<Merged<'p>, String>, RunError> {
     let data = if merging::needs_data(&m.name) { merge_data(ctx, &m.name)? } else { Vec::new() };
     let params = params_of(&m.params);
@@ -968,7 +969,7 @@ fn merge_once<'p>(ctx: &Ctx<'p>, m: &super::config::MethodSpec) -> Result<Result
             tracing::info!("merged {} in {:.2}s", m.label, mg.seconds);
             Ok(Ok(mg))
         }
-        Err(e) if merging::needs_data(&m.name) && e.to_string().contains("not built yet") => {
+        Err(e @ merging::MergingError::Merge(mergeattack_core::merge::MergeError::ModelCount { .. })) => {
             let reason = e.to_string();
             tracing::warn!("skipping the settings of method `{}`: {reason}", m.label);
             Ok(Err(reason))

@@ -177,7 +177,7 @@ impl Store {
             SCHEMA_VERSION => {}
             found => return Err(StoreError::Version { path: path.to_path_buf(), found }),
         }
-        // Settings the runner could not run (e.g. a merge method not built yet), with the reason;
+        // Settings the runner could not run (e.g. a merge method that cannot take a pool of this size), with the reason;
         // a later run that finishes one deletes its row. Added without a version bump: stores
         // written before it simply have no skipped settings.
         store.conn.execute_batch(SKIPPED_SCHEMA).map_err(sql)?;
