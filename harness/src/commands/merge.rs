@@ -162,6 +162,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The common `seed` parameter (default 0).
+fn seed_param(params: &Params) -> Result<u64, MergeError> {
+    match params.get("seed") {
+        None => Ok(0),
+        Some(s) => s.parse().map_err(|_| MergeError::BadValue {
+            param: "seed".into(),
+            value: s.into(),
+            expected: "a non-negative integer",
+        }),
+    }
+}
+
 /// Run a merge from files to files. Nothing is written unless every check passes and the merge
 /// succeeds; outputs are written to temporary files and renamed at the end.
 pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmdError> {
@@ -169,14 +181,7 @@ pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmd
     let method = lookup(&spec.method)?;
     validate_params(method, &spec.params)?;
     let tensors = spec.params.choice_or("tensors", &["vision", "all"], "vision")?;
-    let seed: u64 = match spec.params.get("seed") {
-        None => 0,
-        Some(s) => s.parse().map_err(|_| MergeError::BadValue {
-            param: "seed".into(),
-            value: s.into(),
-            expected: "a non-negative integer",
-        })?,
-    };
+    let seed = seed_param(&spec.params)?;
     let mut method_params = Params::new();
     for k in spec.params.keys().filter(|k| !COMMON_PARAMS.iter().any(|c| c.name == *k)) {
         method_params.set(k, spec.params.get(k).unwrap_or_default());
@@ -508,14 +513,7 @@ pub fn merge_with_data(spec: &MergeSpec, args: &DataMergeArgs, out: &Path) -> Re
             })
             .collect::<Result<_, _>>()?
     };
-    let seed: u64 = match spec.params.get("seed") {
-        None => 0,
-        Some(v) => v.parse().map_err(|_| MergeError::BadValue {
-            param: "seed".into(),
-            value: v.into(),
-            expected: "a non-negative integer",
-        })?,
-    };
+    let seed = seed_param(&spec.params)?;
     let tensors = spec.params.choice_or("tensors", &["vision", "all"], "vision")?;
     let device: Device = args.device.parse().map_err(|e: RuntimeError| MergeCmdError::Usage(e.to_string()))?;
     let options = RuntimeOptions { device, threads: args.threads, batch_size: args.batch_size };
