@@ -162,6 +162,22 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Refuse an output path that is also one of the inputs (it would be overwritten mid-read).
+fn check_outputs_are_not_inputs(spec: &MergeSpec, outs: &[PathBuf]) -> Result<(), MergeCmdError> {
+    let inputs: Vec<&Path> =
+        std::iter::once(spec.base.as_path()).chain(spec.models.iter().map(PathBuf::as_path)).collect();
+    for o in outs {
+        if let Some(i) = inputs.iter().find(|i| same_file(i, o)) {
+            return Err(MergeCmdError::Usage(format!(
+                "the output `{}` is also an input (`{}`): choose another output path",
+                o.display(),
+                i.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The common `seed` parameter (default 0).
 fn seed_param(params: &Params) -> Result<u64, MergeError> {
     match params.get("seed") {
@@ -201,21 +217,11 @@ pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmd
             spec.models.len()
         )));
     }
-    let inputs: Vec<&Path> =
-        std::iter::once(spec.base.as_path()).chain(spec.models.iter().map(PathBuf::as_path)).collect();
     let mut outs = vec![out.to_path_buf()];
     if method.per_task() {
         outs = (0..spec.models.len()).map(|t| task_output_path(out, t)).collect();
     }
-    for o in &outs {
-        if let Some(i) = inputs.iter().find(|i| same_file(i, o)) {
-            return Err(MergeCmdError::Usage(format!(
-                "the output `{}` is also an input (`{}`): choose another output path",
-                o.display(),
-                i.display()
-            )));
-        }
-    }
+    check_outputs_are_not_inputs(spec, &outs)?;
 
     let base = Checkpoint::open(&spec.base)?;
     let models = spec.models.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
@@ -522,17 +528,7 @@ pub fn merge_with_data(spec: &MergeSpec, args: &DataMergeArgs, out: &Path) -> Re
     if surgery || per_task_method {
         outs = (0..t).map(|k| task_output_path(out, k)).collect();
     }
-    let inputs: Vec<&Path> =
-        std::iter::once(spec.base.as_path()).chain(spec.models.iter().map(PathBuf::as_path)).collect();
-    for o in &outs {
-        if let Some(i) = inputs.iter().find(|i| same_file(i, o)) {
-            return Err(MergeCmdError::Usage(format!(
-                "the output `{}` is also an input (`{}`): choose another output path",
-                o.display(),
-                i.display()
-            )));
-        }
-    }
+    check_outputs_are_not_inputs(spec, &outs)?;
 
     let rt = |e: RuntimeError| MergeCmdError::Usage(e.to_string());
     let config = vision_config_for(&spec.base, args.model_config.as_deref()).map_err(rt)?;
@@ -617,7 +613,10 @@ pub fn merge_with_data(spec: &MergeSpec, args: &DataMergeArgs, out: &Path) -> Re
         p.commit()?;
         bytes_written += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     }
-    let bytes_read = inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let bytes_read = std::iter::once(&spec.base)
+        .chain(&spec.models)
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
     Ok(MergeReport {
         method: merged.method.clone(),
         params,
