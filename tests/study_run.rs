@@ -1,7 +1,9 @@
 //! `mergeattack study` end to end on the smoke study (the reduced mini zoo, built once into the
 //! cache): the report's structure and sane values, bitwise-equal metrics with 1 and 2 threads,
 //! a run killed with SIGKILL and resumed giving the same metrics as an uninterrupted one (no
-//! setting lost, none duplicated), shards read together, and bad input named in one sentence.
+//! setting lost, none duplicated), shards read together, one setting recomputed by hand from the
+//! saved images with `mergeattack merge` and `mergeattack attack`, and bad input named in one
+//! sentence.
 //! Needs the mini-suite cache (`scripts/test.sh` runs `mergeattack setup` first).
 
 use std::path::{Path, PathBuf};
@@ -290,4 +292,76 @@ fn zoo_dir() -> PathBuf {
     let dir = root.join("zoo").join(mergeattack_harness::zoo::cache_key("mini", &cfg));
     assert!(dir.join("summary.json").is_file(), "{} is not a built zoo", dir.display());
     dir
+}
+
+/// One row of `mergeattack attack`'s table: (acc, asr_all) of the model whose path ends with `tail`.
+fn table_row(stdout: &str, tail: &str) -> (f64, f64) {
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with('|') && l.split('|').nth(1).is_some_and(|c| c.trim().ends_with(tail)))
+        .unwrap_or_else(|| panic!("no row for {tail} in:\n{stdout}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    (cells[4].parse().unwrap(), cells[5].parse().unwrap())
+}
+
+#[test]
+fn one_setting_is_recomputed_by_hand_from_the_saved_images() {
+    let (out, _) = first_run();
+    let zoo = zoo_dir();
+    // The setting's row of metrics.csv, by column name.
+    let csv = read(&out.join("report/metrics.csv"));
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let row: Vec<&str> = lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|r| r[1] == "digits" && r[2] == "task-arithmetic" && r[3] == "pgd")
+        .expect("the (digits, task-arithmetic, pgd) setting");
+    let col = |name: &str| -> f64 { row[header.iter().position(|h| *h == name).unwrap()].parse().unwrap() };
+    // The merged target, rebuilt with `mergeattack merge` (task order of the study).
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("ta/model.safetensors");
+    std::fs::create_dir_all(merged.parent().unwrap()).unwrap();
+    std::fs::copy(zoo.join("pretrained/config.json"), tmp.path().join("ta/config.json")).unwrap();
+    let s = |p: PathBuf| p.display().to_string();
+    let (code, _, stderr) = run_cli([
+        "merge".into(),
+        "--method".into(),
+        "task-arithmetic".into(),
+        "--base".into(),
+        s(zoo.join("pretrained/model.safetensors")),
+        "--models".into(),
+        s(zoo.join("finetuned/digits/model.safetensors")),
+        s(zoo.join("finetuned/fashion/model.safetensors")),
+        "-o".into(),
+        s(merged.clone()),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    // `attack` with eps 0 only evaluates: on the saved clean and adversarial images.
+    let adv = out.join("adversarial/digits");
+    let evaluate = |images: &str| -> String {
+        let (code, stdout, stderr) = run_cli([
+            "attack".into(),
+            "--model".into(),
+            s(zoo.join("finetuned/digits/model.safetensors")),
+            "--head".into(),
+            format!("{}:digits", zoo.join("heads.safetensors").display()),
+            "--attack".into(),
+            "fgsm".into(),
+            "--eps".into(),
+            "0".into(),
+            "--data".into(),
+            format!("npy:{},{}", adv.join(images).display(), adv.join("labels.npy").display()),
+            "--eval".into(),
+            s(merged.clone()),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+    };
+    let clean = evaluate("clean.npy");
+    let attacked = evaluate("pgd__finetuned__8_255.npy");
+    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() < 1e-4, "{what}: by hand {a}, study {b}");
+    close(table_row(&clean, "finetuned/digits/model.safetensors").0, col("acc_surrogate"), "acc_surrogate");
+    close(table_row(&clean, "ta/model.safetensors").0, col("acc_merged"), "acc_merged");
+    close(table_row(&attacked, "finetuned/digits/model.safetensors").1, col("asr_wb_all"), "asr_wb_all");
+    close(table_row(&attacked, "ta/model.safetensors").1, col("tasr_all"), "tasr_all");
 }
