@@ -9,6 +9,12 @@
 //! each with `task-arithmetic`, `ties`, `emr`, `dare`, `tsv-m` (those in the registry), printing
 //! seconds and effective GB/s = (bytes read + bytes written) / time, beside a plain memory-copy
 //! baseline of the same bytes.
+//!
+//! `MERGEATTACK_BENCH_KERNELS=1 cargo bench --bench merge` (also run by `scripts/bench-merge.sh`):
+//! the in-core kernels without file I/O on in-memory ViT-B/32-shaped sets (8 fine-tuned models;
+//! `MERGEATTACK_BENCH_LAYERS` encoder layers, default 3 = 22 M entries per model, 12 = 88 M), each
+//! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
+//! same bytes measured in the same run, with the TIES / task-arithmetic ratio and the load average.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -94,6 +100,102 @@ fn full() {
     );
 }
 
+/// The 1-minute load average (Linux), to print next to each figure.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// In-memory kernels: task-arithmetic, ties (and the other methods named in
+/// `MERGEATTACK_BENCH_METHODS`, comma-separated) on a ViT-B/32-shaped set held in memory.
+fn kernels() {
+    use mergeattack_core::merge::MergeInput;
+    use mergeattack_core::tensor::ParamSet;
+    use ndarray::{ArrayD, IxDyn};
+    use rand::RngExt;
+
+    let layers = env_usize("MERGEATTACK_BENCH_LAYERS", 3);
+    let reps = env_usize("MERGEATTACK_BENCH_REPS", 3).max(1);
+    let tasks = env_usize("MERGEATTACK_BENCH_TASKS", 8);
+    let methods = std::env::var("MERGEATTACK_BENCH_METHODS").unwrap_or_else(|_| "task-arithmetic,ties".into());
+    let cfg = SynthConfig { layers, ..SynthConfig::vit_b32() };
+    let shapes: Vec<(String, Vec<usize>)> =
+        cfg.shapes().into_iter().filter(|(n, _)| n.starts_with("vision_model.")).collect();
+    let numel: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let t0 = Instant::now();
+    // Base uniform in [-0.5, 0.5]; task vectors: sum of two uniforms (triangular, a bell-like
+    // magnitude profile) times 0.01, from per-(role, tensor) ChaCha streams.
+    let make = |role: &str, base: Option<&ParamSet<'static>>| {
+        let mut p = ParamSet::new();
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product();
+            let mut r = mergeattack_core::rng::stream(11, &[b"bench", role.as_bytes(), name.as_bytes()]);
+            let v: Vec<f32> = match base {
+                None => (0..n).map(|_| r.random::<f32>() - 0.5).collect(),
+                Some(b) => {
+                    let b = b.get(name).unwrap().as_slice().unwrap();
+                    b.iter().map(|&x| x + 0.01 * (r.random::<f32>() + r.random::<f32>() - 1.0)).collect()
+                }
+            };
+            p.insert_owned(name.clone(), ArrayD::from_shape_vec(IxDyn(shape), v).unwrap());
+        }
+        p
+    };
+    let base = make("base", None);
+    let models: Vec<ParamSet<'static>> = (0..tasks).map(|t| make(&format!("task{t}"), Some(&base))).collect();
+    let names: Vec<String> = shapes.iter().map(|(n, _)| n.clone()).collect();
+    println!(
+        "in-core kernels: {tasks} fine-tuned + base, {numel} f32 entries each ({layers} layers), generated in {:.1} s, best of {reps}",
+        t0.elapsed().as_secs_f64()
+    );
+    let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
+    let bytes = ((tasks + 2) * numel * 4) as f64; // read base + models, write the output
+    println!("{:<16} {:>9} {:>9} {:>9} {:>7}", "method", "seconds", "GB/s", "vs TA", "load");
+    let mut ta = None;
+    for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let Ok(method) = lookup(m) else {
+            println!("{m:<16} (not in the registry)");
+            continue;
+        };
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let out = method.merge(&input, &Params::new()).unwrap_or_else(|e| panic!("{m}: {e}"));
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(&out);
+            drop(out);
+        }
+        if m == "task-arithmetic" {
+            ta = Some(best);
+        }
+        let ratio = ta.map(|t| format!("{:.2}x", best / t)).unwrap_or_else(|| "-".into());
+        println!("{m:<16} {best:>9.3} {:>9.2} {ratio:>9} {:>7}", bytes / 1e9 / best, load());
+    }
+    // Baseline: copy bytes/2 (read once, written once), best of reps, pages faulted in first.
+    let n = (bytes / 2.0) as usize;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    dst.fill(2);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    let gbs = bytes / 1e9 / best;
+    println!("{:<16} {best:>9.3} {gbs:>9.2} {:>9} {:>7}", "memcpy", "-", load());
+    if let Some(t) = ta {
+        println!("task-arithmetic at {:.0}% of the memcpy baseline's GB/s", 100.0 * (bytes / 1e9 / t) / gbs);
+    }
+}
+
 fn tiny(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (base, models) = synth::write_set(dir.path(), &SynthConfig::tiny(), 4, 0, 0.05).unwrap();
@@ -108,6 +210,10 @@ fn tiny(c: &mut Criterion) {
 }
 
 fn main() {
+    if std::env::var("MERGEATTACK_BENCH_KERNELS").is_ok_and(|v| v == "1") {
+        kernels();
+        return;
+    }
     if std::env::var("MERGEATTACK_BENCH_FULL").is_ok_and(|v| v == "1") {
         full();
         return;

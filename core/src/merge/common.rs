@@ -288,69 +288,6 @@ impl Trim {
     }
 }
 
-/// Global thresholds by a two-pass radix selection: a histogram of the top 16 bits of abs(x) per
-/// task, then an exact selection inside the one bucket that holds the wanted rank. Entry rank
-/// (1-based, ascending abs) d - floor(d k) is the threshold; when that is 0 everything is kept.
-fn global_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Option<f32>> {
-    let tasks = flat.tasks();
-    let d = flat.total();
-    let keep = libm::floor(d as f64 * k) as usize;
-    let rank = d - keep.min(d); // 1-based rank of the threshold; 0 = keep all
-    if rank == 0 {
-        return vec![None; tasks];
-    }
-    let q = rank - 1;
-    const BUCKETS: usize = 1 << 15;
-    // u32 counts keep each task's table at 128 KiB (L2-resident); d < 2^32 entries per model.
-    let mut hist = vec![0u32; tasks * BUCKETS];
-    let mut buf = vec![0.0f32; CHUNK];
-    for kk in 0..flat.names.len() {
-        for off in (0..flat.len(kk)).step_by(CHUNK) {
-            let len = CHUNK.min(flat.len(kk) - off);
-            for t in 0..tasks {
-                src.fill(t, kk, off, &mut buf[..len]);
-                let h = &mut hist[t * BUCKETS..(t + 1) * BUCKETS];
-                for x in &buf[..len] {
-                    h[(x.abs().to_bits() >> 16) as usize] += 1;
-                }
-            }
-        }
-    }
-    // The bucket of rank q per task, and q's rank inside it.
-    let mut target = Vec::with_capacity(tasks);
-    for t in 0..tasks {
-        let h = &hist[t * BUCKETS..(t + 1) * BUCKETS];
-        let mut cum = 0usize;
-        let mut found = (BUCKETS - 1, 0usize, 0usize);
-        for (b, &c) in h.iter().enumerate() {
-            let c = c as usize;
-            if cum + c > q {
-                found = (b, q - cum, c);
-                break;
-            }
-            cum += c;
-        }
-        target.push(found);
-    }
-    let mut members: Vec<Vec<u32>> = target.iter().map(|&(_, _, c)| Vec::with_capacity(c)).collect();
-    for kk in 0..flat.names.len() {
-        for off in (0..flat.len(kk)).step_by(CHUNK) {
-            let len = CHUNK.min(flat.len(kk) - off);
-            for t in 0..tasks {
-                src.fill(t, kk, off, &mut buf[..len]);
-                let b = target[t].0 as u32;
-                for x in &buf[..len] {
-                    let bits = x.abs().to_bits();
-                    if bits >> 16 == b {
-                        members[t].push(bits);
-                    }
-                }
-            }
-        }
-    }
-    members.iter_mut().zip(&target).map(|(m, &(_, r, _))| Some(f32::from_bits(*m.select_nth_unstable(r).1))).collect()
-}
-
 /// Per tensor, per task: keep exactly floor(k n) entries by magnitude (mergekit's `magnitude`).
 fn tensor_keys(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Vec<Option<u64>>> {
     let mut scratch = Vec::new();
@@ -372,29 +309,199 @@ fn tensor_keys(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Vec<Option
         .collect()
 }
 
-/// The TIES merge of the task vectors from `src`: trim, elect, disjoint merge, theta0 + lambda *
-/// merged (see METHODS.md).
-pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
+/// Buckets of the magnitude histogram: the top 16 bits of abs(x) (sign bit clear: 2^15 buckets).
+const BUCKETS: usize = 1 << 15;
+const BUCKET_SHIFT: u32 = 16;
+
+/// One histogram pass over every task: per task, counts of the top 16 bits of abs(tau_t).
+/// u32 counts keep each task's table at 128 KiB; d < 2^32 entries per model.
+fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
     let tasks = flat.tasks();
-    let trim = match opt.scope {
-        Scope::Global => Trim::Global(global_thresholds(flat, src, opt.k)),
-        Scope::Tensor => Trim::Tensor(tensor_keys(flat, src, opt.k)),
-    };
+    let mut hist = vec![0u32; tasks * BUCKETS];
+    let mut buf = vec![0.0f32; CHUNK];
+    for kk in 0..flat.names.len() {
+        for off in (0..flat.len(kk)).step_by(CHUNK) {
+            let len = CHUNK.min(flat.len(kk) - off);
+            for t in 0..tasks {
+                let b = &mut buf[..len];
+                src.fill(t, kk, off, b);
+                let h = &mut hist[t * BUCKETS..(t + 1) * BUCKETS];
+                // Two entries per step into one table: the increments of neighbouring entries
+                // (often the same bucket) overlap instead of waiting on each other's store.
+                let mut pairs = b.chunks_exact(2);
+                for p in &mut pairs {
+                    let (i, j) = (
+                        (p[0].abs().to_bits() >> BUCKET_SHIFT) as usize,
+                        (p[1].abs().to_bits() >> BUCKET_SHIFT) as usize,
+                    );
+                    if i == j {
+                        h[i] += 2;
+                    } else {
+                        h[i] += 1;
+                        h[j] += 1;
+                    }
+                }
+                for x in pairs.remainder() {
+                    h[(x.abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
+                }
+            }
+        }
+    }
+    hist
+}
+
+/// Where task t's global threshold lies after the histogram: abs bit patterns below `lo` are
+/// trimmed, from `hi` on kept; the nonzero ones in `[lo, hi)` (one bucket) are decided once the
+/// exact threshold is known: it is the entry of 0-based rank `rank` among the bucket's `count`
+/// entries (ascending), zeros first. `lo = hi = 0`: keep everything.
+#[derive(Clone, Copy, Debug)]
+struct Band {
+    lo: u32,
+    hi: u32,
+    rank: usize,
+    count: usize,
+}
+
+/// Per task, the band holding the entry of 1-based rank d - floor(d k) (the threshold; rank 0:
+/// keep all).
+fn bands(flat: &Flat<'_>, hist: &[u32], k: f64) -> Vec<Band> {
+    let d = flat.total();
+    let keep = libm::floor(d as f64 * k) as usize;
+    let rank = d - keep.min(d);
+    (0..flat.tasks())
+        .map(|t| {
+            if rank == 0 {
+                return Band { lo: 0, hi: 0, rank: 0, count: 0 };
+            }
+            let q = rank - 1;
+            let h = &hist[t * BUCKETS..(t + 1) * BUCKETS];
+            let mut cum = 0usize;
+            for (b, &c) in h.iter().enumerate() {
+                let c = c as usize;
+                if cum + c > q {
+                    let lo = (b as u32) << BUCKET_SHIFT;
+                    return Band { lo, hi: lo + (1 << BUCKET_SHIFT), rank: q - cum, count: c };
+                }
+                cum += c;
+            }
+            unreachable!("the histogram counts every entry")
+        })
+        .collect()
+}
+
+/// Exact thresholds by a second pass that collects each band's members (the fallback when the
+/// bands hold too many entries to defer them).
+fn band_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, bands: &[Band]) -> Vec<Option<f32>> {
+    let tasks = flat.tasks();
+    let mut members: Vec<Vec<u32>> = bands.iter().map(|b| Vec::with_capacity(b.count)).collect();
+    let mut buf = vec![0.0f32; CHUNK];
+    for kk in 0..flat.names.len() {
+        for off in (0..flat.len(kk)).step_by(CHUNK) {
+            let len = CHUNK.min(flat.len(kk) - off);
+            for t in 0..tasks {
+                if bands[t].hi == 0 {
+                    continue;
+                }
+                src.fill(t, kk, off, &mut buf[..len]);
+                let Band { lo, hi, .. } = bands[t];
+                for x in &buf[..len] {
+                    let bits = x.abs().to_bits();
+                    if bits >= lo && bits < hi {
+                        members[t].push(bits);
+                    }
+                }
+            }
+        }
+    }
+    members
+        .iter_mut()
+        .zip(bands)
+        .map(|(m, b)| (b.hi > 0).then(|| f32::from_bits(*m.select_nth_unstable(b.rank).1)))
+        .collect()
+}
+
+/// How the merge pass trims: exactly, or by bands whose undecided entries it defers.
+enum Mode<'a> {
+    Exact(&'a Trim),
+    Bands(&'a [Band]),
+}
+
+/// Entries the band pass could not decide: their position and every task's value there
+/// (trimmed entries already zero, the others raw).
+struct Deferred {
+    at: Vec<(u32, u32)>,
+    values: Vec<f32>,
+}
+
+/// What one merge pass leaves: the outputs (final except at the deferred and undecided entries),
+/// the running sum of elected signs, the entries with a zero trimmed sum, the deferred entries.
+struct PassOut {
+    values: Vec<Vec<f32>>,
+    sign_total: i64,
+    undecided: Vec<(usize, usize)>,
+    deferred: Deferred,
+}
+
+/// The output entry from the trimmed values at one entry and its elected sign `e`, with the
+/// same operations in the same order as the vectorised loops of [`merge_pass`].
+#[inline]
+fn merged_entry(base: f32, xs: &[f32], e: f32, opt: &TiesOptions) -> f32 {
+    let mut a = 0.0f32;
+    let mut c = 0.0f32;
+    for &x in xs {
+        let keep = x * e > 0.0;
+        a += if keep { x } else { 0.0 };
+        c += if keep { 1.0 } else { 0.0 };
+    }
+    match opt.aggregate {
+        Aggregate::Sum => base + opt.lambda * a,
+        Aggregate::Mean => base + opt.lambda * (a / c.max(1.0)),
+    }
+}
+
+/// One chunked pass: fill, trim, elect signs, disjoint merge; entries that `mode`'s bands leave
+/// undecided are written provisionally and listed in `deferred`.
+fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: Mode<'_>) -> PassOut {
+    let tasks = flat.tasks();
     let mut bufs = vec![0.0f32; tasks * CHUNK];
     let mut scratch = vec![0.0f32; 4 * CHUNK];
+    let mut flags = vec![0u32; CHUNK];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
+    let mut deferred = Deferred { at: Vec::new(), values: Vec::new() };
     let mut values = Vec::with_capacity(flat.names.len());
+    // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
+    let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
     for kk in 0..flat.names.len() {
         let n = flat.len(kk);
         let mut out = vec![0.0f32; n];
         for (c, o) in out.chunks_mut(CHUNK).enumerate() {
             let off = c * CHUNK;
             let len = o.len();
+            let flags = &mut flags[..len];
+            flags.fill(0);
+            let mut any_flag = false;
             for t in 0..tasks {
                 let b = &mut bufs[t * CHUNK..t * CHUNK + len];
                 src.fill(t, kk, off, b);
-                trim.apply(t, kk, off, b);
+                match mode {
+                    Mode::Exact(trim) => trim.apply(t, kk, off, b),
+                    Mode::Bands(bands) => {
+                        let Band { lo, hi, .. } = bands[t];
+                        if hi > lo {
+                            let width = hi - lo;
+                            let mut hit = 0u32;
+                            for (x, f) in b.iter_mut().zip(flags.iter_mut()) {
+                                let bits = x.abs().to_bits();
+                                let u = u32::from(bits.wrapping_sub(lo) < width && bits != 0);
+                                *f |= u;
+                                hit |= u;
+                                *x = if bits < lo { 0.0 } else { *x };
+                            }
+                            any_flag |= hit != 0;
+                        }
+                    }
+                }
             }
             let base = &flat.base[kk][off..off + len];
             // Branch-free over entries (t outer, entries inner) so that the loops vectorise.
@@ -413,9 +520,13 @@ pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) ->
                     *a += x.abs();
                 }
             }
-            // The elected sign: +1, -1, or 0 for a zero sum (tensor scope: +1).
-            let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
+            // The elected sign: +1, -1, or 0 for a zero sum (tensor scope: +1); deferred entries
+            // are counted when they are decided.
             for (i, s) in sum.iter_mut().enumerate() {
+                if any_flag && flags[i] != 0 {
+                    *s = 0.0;
+                    continue;
+                }
                 *s = if *s > 0.0 {
                     sign_total += 1;
                     1.0
@@ -449,21 +560,132 @@ pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) ->
                     }
                 }
             }
+            if any_flag {
+                for (i, _) in flags.iter().enumerate().filter(|(_, f)| **f != 0) {
+                    deferred.at.push((kk as u32, (off + i) as u32));
+                    deferred.values.extend((0..tasks).map(|t| bufs[t * CHUNK + i]));
+                }
+            }
         }
         values.push(out);
     }
-    // Entries whose trimmed sum is exactly zero take the sign of the sum of the sign vector
-    // (FusionBench: positive selects the positive entries, otherwise the negative ones).
+    PassOut { values, sign_total, undecided, deferred }
+}
+
+/// Decide the deferred entries: the exact thresholds from the band members they hold, then per
+/// entry the trim, the elected sign and the disjoint merge (in place in `pass`). Returns the
+/// thresholds.
+fn settle(flat: &Flat<'_>, bands: &[Band], opt: &TiesOptions, pass: &mut PassOut) -> Vec<Option<f32>> {
+    let tasks = flat.tasks();
+    let d = &mut pass.deferred;
+    let thresholds: Vec<Option<f32>> = bands
+        .iter()
+        .enumerate()
+        .map(|(t, b)| {
+            if b.hi == 0 {
+                return None;
+            }
+            let mut members: Vec<u32> = d
+                .values
+                .iter()
+                .skip(t)
+                .step_by(tasks)
+                .map(|x| x.abs().to_bits())
+                .filter(|&bits| bits >= b.lo && bits < b.hi && bits != 0)
+                .collect();
+            // Zeros (only in the lowest bucket) were not deferred: they rank first.
+            let zeros = b.count - members.len();
+            Some(if b.rank < zeros { 0.0 } else { f32::from_bits(*members.select_nth_unstable(b.rank - zeros).1) })
+        })
+        .collect();
+    let thr_bits: Vec<u32> = thresholds.iter().map(|t| t.map_or(0, f32::to_bits)).collect();
+    let mut xs = vec![0.0f32; tasks];
+    for (j, &(kk, i)) in d.at.iter().enumerate() {
+        let (kk, i) = (kk as usize, i as usize);
+        let mut s = 0.0f32;
+        let mut asum = 0.0f32;
+        for (t, x) in xs.iter_mut().enumerate() {
+            let v = d.values[j * tasks + t];
+            *x = if v.abs().to_bits() >= thr_bits[t] { v } else { 0.0 };
+            s += *x;
+            asum += x.abs();
+        }
+        let e = if s > 0.0 {
+            pass.sign_total += 1;
+            1.0
+        } else if s < 0.0 {
+            pass.sign_total -= 1;
+            -1.0
+        } else {
+            if asum > 0.0 {
+                pass.undecided.push((kk, i));
+            }
+            0.0
+        };
+        pass.values[kk][i] = merged_entry(flat.base[kk][i], &xs, e, opt);
+    }
+    thresholds
+}
+
+/// Entries whose trimmed sum is exactly zero (but not every entry zero) take the sign of the sum of
+/// the sign vector (FusionBench: positive selects the positive entries, otherwise the negative
+/// ones).
+fn resolve_undecided(flat: &Flat<'_>, src: &dyn TaskVectors, trim: &Trim, opt: &TiesOptions, pass: &mut PassOut) {
+    let tasks = flat.tasks();
     let mut one = vec![0.0f32; tasks];
-    for (kk, i) in undecided {
+    for &(kk, i) in &pass.undecided {
         for (t, v) in one.iter_mut().enumerate() {
             src.fill(t, kk, i, core::slice::from_mut(v));
             trim.apply(t, kk, i, core::slice::from_mut(v));
         }
-        let merged = disjoint(tasks, |t| one[t], sign_total > 0, opt.aggregate);
-        values[kk][i] = flat.base[kk][i] + opt.lambda * merged;
+        let merged = disjoint(tasks, |t| one[t], pass.sign_total > 0, opt.aggregate);
+        pass.values[kk][i] = flat.base[kk][i] + opt.lambda * merged;
     }
-    flat.output(values)
+}
+
+/// At most this many band members over all tasks are deferred (kept with every task's value at
+/// their entries) before the merge falls back to a second pass that finds the thresholds first.
+fn deferral_limit(total: usize) -> usize {
+    (total / 16).max(1 << 20)
+}
+
+/// The TIES merge of the task vectors from `src`: trim, elect, disjoint merge, theta0 + lambda *
+/// merged (see METHODS.md).
+///
+/// Global scope, in two chunked passes over the task vectors: a magnitude histogram of every task
+/// (which places each task's threshold inside one bucket), then the merge itself, with the few
+/// entries whose trim depends on where the threshold falls inside its bucket set aside with their
+/// task values and settled once the exact thresholds are known. The result is bitwise the same as
+/// trimming with exact thresholds first (tested); when the buckets hold more entries than
+/// [`deferral_limit`], that is what it does (one more pass).
+pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
+    ties_with_limit(flat, src, opt, deferral_limit(flat.total()))
+}
+
+fn ties_with_limit(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, limit: usize) -> ParamSet<'static> {
+    let (trim, mut pass) = match opt.scope {
+        Scope::Tensor => {
+            let trim = Trim::Tensor(tensor_keys(flat, src, opt.k));
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim));
+            (trim, pass)
+        }
+        Scope::Global => {
+            let hist = magnitude_histograms(flat, src);
+            let bands = bands(flat, &hist, opt.k);
+            drop(hist);
+            if bands.iter().map(|b| b.count).sum::<usize>() <= limit {
+                let mut pass = merge_pass(flat, src, opt, Mode::Bands(&bands));
+                let thresholds = settle(flat, &bands, opt, &mut pass);
+                (Trim::Global(thresholds), pass)
+            } else {
+                let trim = Trim::Global(band_thresholds(flat, src, &bands));
+                let pass = merge_pass(flat, src, opt, Mode::Exact(&trim));
+                (trim, pass)
+            }
+        }
+    };
+    resolve_undecided(flat, src, &trim, opt, &mut pass);
+    flat.output(pass.values)
 }
 
 #[inline]
@@ -551,4 +773,139 @@ pub(crate) fn svd_frame(
         }
     }
     Ok(flat.output(values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use rand::RngExt;
+
+    /// A test source: the plain task vectors with a fixed pattern of entries dropped and the
+    /// rest scaled (like DARE), to run the kernels through a source other than `Flat`.
+    struct Masked<'f, 's>(&'f Flat<'s>);
+
+    impl TaskVectors for Masked<'_, '_> {
+        fn fill(&self, t: usize, k: usize, off: usize, out: &mut [f32]) {
+            self.0.tau(t, k, off, out);
+            for (i, x) in out.iter_mut().enumerate() {
+                let h = ((off + i) as u64 * 2_654_435_761 + (t * 97 + k * 13) as u64) % 7;
+                *x = if h < 3 { 0.0 } else { *x * 1.75 };
+            }
+        }
+    }
+
+    /// TIES straight from METHODS.md, one entry at a time: per task the threshold from a full
+    /// sort, trim, sum, elect (a zero sum takes the sign of the sum of the signs), disjoint merge,
+    /// with the f32 operations in the kernel's order.
+    fn naive(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> Vec<Vec<f32>> {
+        let tasks = flat.tasks();
+        let d = flat.total();
+        let taus: Vec<Vec<f32>> = (0..tasks)
+            .map(|t| {
+                let mut v = Vec::with_capacity(d);
+                for k in 0..flat.names.len() {
+                    let mut x = vec![0.0f32; flat.len(k)];
+                    src.fill(t, k, 0, &mut x);
+                    v.extend(x);
+                }
+                v
+            })
+            .collect();
+        let rank = d - libm::floor(d as f64 * opt.k) as usize;
+        let trimmed: Vec<Vec<f32>> = taus
+            .iter()
+            .map(|v| {
+                if rank == 0 {
+                    return v.clone();
+                }
+                let mut a: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+                a.sort_by(f32::total_cmp);
+                let thr = a[rank - 1];
+                v.iter().map(|&x| if x.abs() >= thr { x } else { 0.0 }).collect()
+            })
+            .collect();
+        let mut signs = vec![0.0f32; d];
+        let mut total = 0i64;
+        for (g, e) in signs.iter_mut().enumerate() {
+            let s = (0..tasks).fold(0.0f32, |s, t| s + trimmed[t][g]);
+            *e = if s > 0.0 {
+                1.0
+            } else if s < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            total += *e as i64;
+        }
+        let majority = if total > 0 { 1.0 } else { -1.0 };
+        let base: Vec<f32> = flat.base.iter().flat_map(|b| b.iter().copied()).collect();
+        let merged: Vec<f32> = (0..d)
+            .map(|g| {
+                let e = if signs[g] != 0.0 { signs[g] } else { majority };
+                let xs: Vec<f32> = (0..tasks).map(|t| trimmed[t][g]).collect();
+                merged_entry(base[g], &xs, e, opt)
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut off = 0;
+        for k in 0..flat.names.len() {
+            out.push(merged[off..off + flat.len(k)].to_vec());
+            off += flat.len(k);
+        }
+        out
+    }
+
+    fn bits(p: &ParamSet<'_>, names: &[String]) -> Vec<Vec<u32>> {
+        names.iter().map(|n| values(p, n).iter().map(|x| x.to_bits()).collect()).collect()
+    }
+
+    /// The two-pass kernel with deferred band entries, the three-pass kernel (exact thresholds
+    /// first) and the naive reference agree bit for bit: dense and sparse task vectors, repeated
+    /// magnitudes, a threshold among the zeros, tensors that end mid-chunk, both aggregations, the
+    /// plain and a masked source.
+    #[test]
+    fn deferred_bands_equal_exact_thresholds_and_the_naive_reference() {
+        let sizes = [(5000usize, "a"), (37, "b"), (CHUNK * 2 + 3, "c"), (1, "d")];
+        for (case, zero_share) in [(0u64, 0.0f32), (1, 0.3), (2, 0.9)] {
+            let mut rng = crate::rng::stream(case, &[b"ties-kernel-test"]);
+            let tasks = 5;
+            let mut draw = |quantise: bool| -> f32 {
+                if rng.random::<f32>() < zero_share {
+                    return 0.0;
+                }
+                let x = (rng.random::<f32>() - 0.5) * libm::powf(10.0, rng.random::<f32>() * 3.0 - 3.0);
+                if quantise { libm::roundf(x * 256.0) / 256.0 } else { x }
+            };
+            let base_t: Vec<(&str, Vec<usize>, Vec<f32>)> =
+                sizes.iter().map(|&(n, name)| (name, vec![n], (0..n).map(|_| draw(false)).collect())).collect();
+            let base = set(&base_t.iter().map(|(n, s, v)| (*n, &s[..], &v[..])).collect::<Vec<_>>());
+            let models: Vec<ParamSet<'static>> = (0..tasks)
+                .map(|t| {
+                    let m: Vec<(&str, Vec<usize>, Vec<f32>)> = base_t
+                        .iter()
+                        .map(|(n, s, b)| (*n, s.clone(), b.iter().map(|&x| x + draw(t % 2 == 1)).collect()))
+                        .collect();
+                    set(&m.iter().map(|(n, s, v)| (*n, &s[..], &v[..])).collect::<Vec<_>>())
+                })
+                .collect();
+            let names = names(&base);
+            let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
+            let flat = Flat::new(&input);
+            let masked = Masked(&flat);
+            for k in [0.2, 0.05, 0.73, 1.0] {
+                for aggregate in [Aggregate::Sum, Aggregate::Mean] {
+                    let opt = TiesOptions { k, lambda: 0.3, aggregate, scope: Scope::Global };
+                    for src in [&flat as &dyn TaskVectors, &masked] {
+                        let fused = bits(&ties_with_limit(&flat, src, &opt, usize::MAX), &names);
+                        let exact = bits(&ties_with_limit(&flat, src, &opt, 0), &names);
+                        let reference: Vec<Vec<u32>> =
+                            naive(&flat, src, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
+                        assert_eq!(fused, exact, "case {case} k {k} {aggregate:?}: fused vs exact");
+                        assert_eq!(fused, reference, "case {case} k {k} {aggregate:?}: fused vs naive");
+                    }
+                }
+            }
+        }
+    }
 }
