@@ -9,8 +9,10 @@
 //! means of 2 batches of 16 per task and takes one Adam step (lr 1e-3, betas 0.9/0.999, no weight
 //! decay); 500 iterations.
 //!
-//! The engine computes dL/dW for the merged tensors (a logits VJP with [`entropy_dlogits`]); the
-//! chain rule to the coefficients is here: dL/draw_{t,i} = <dL/dW_i, tau_{t,i}> inside the clamp.
+//! The engine computes the loss and dL/dW for the merged tensors in one pass (the entropy inside
+//! the graph); [`entropy_dlogits`] is the same objective on the host (its reference in tests, and
+//! a logits cotangent for a logits VJP). The chain rule to the coefficients is here:
+//! dL/draw_{t,i} = <dL/dW_i, tau_{t,i}> inside the clamp.
 
 use alloc::format;
 use alloc::string::{String, ToString};
