@@ -317,6 +317,14 @@ fn golden_outputs_for_fixed_seeds() {
         let (g, w) = (got.as_object().unwrap(), want.as_object().unwrap());
         assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>(), "{method}: tensor names");
         for (k, gv) in g {
+            // The loss does not depend on a key bias (it shifts every score of a query alike, and
+            // softmax ignores that): its coefficients' gradient is exactly 0 in exact arithmetic,
+            // rounding noise in floats, and Adam turns any nonzero noise into a full +-lr step. Those
+            // coefficients follow the noise (measured: 0.4% apart after the entropy moved into the
+            // graph, every other tensor within 1e-4), so they are not compared.
+            if method == "adamerging" && k.contains("self_attn.k_proj.bias") {
+                continue;
+            }
             let sums = (gv["sum"].as_f64().unwrap(), w[k]["sum"].as_f64().unwrap());
             assert!(close(sums.0, sums.1), "{method} {k}: sum {} vs golden {}", sums.0, sums.1);
             for (a, b) in gv["first"].as_array().unwrap().iter().zip(w[k]["first"].as_array().unwrap()) {

@@ -491,6 +491,13 @@ fn run_adamerging(
     let classes = *joint.offsets.last().expect("non-empty");
     let per_task = cfg.batches * cfg.batch;
     let total = per_task * pool.tasks.len();
+    // Task t's rows see only task t's head columns; each row weighs 1/batch, so the objective is
+    // the sum over tasks and batches of the per-batch mean entropies (METHODS.md).
+    let mut mask = Array2::<f32>::zeros((total, classes));
+    for t in 0..pool.tasks.len() {
+        mask.slice_mut(s![t * per_task..(t + 1) * per_task, joint.offsets[t]..joint.offsets[t + 1]]).fill(1.0);
+    }
+    let row_weights = vec![1.0 / cfg.batch as f32; total];
     let (c, hw) = (pool.config.num_channels, pool.config.image_size);
     let pb = progress(cfg.steps, "adamerging".into());
     let mut last_loss = f64::NAN;
@@ -505,19 +512,10 @@ fn run_adamerging(
                 x.index_axis_mut(Axis(0), t * per_task + k).assign(&xt.index_axis(Axis(0), i));
             }
         }
-        let (logits, _) = joint.model.forward(x.view())?;
-        let mut dl = Array2::<f32>::zeros((total, classes));
-        let mut loss = 0.0;
-        for t in 0..pool.tasks.len() {
-            let cols = joint.offsets[t]..joint.offsets[t + 1];
-            for b in 0..cfg.batches {
-                let rows = t * per_task + b * cfg.batch..t * per_task + (b + 1) * cfg.batch;
-                let (l, d) = adamerging::entropy_dlogits(logits.slice(s![rows.clone(), cols.clone()]));
-                loss += l;
-                dl.slice_mut(s![rows, cols.clone()]).assign(&d);
-            }
-        }
-        let grads = joint.model.weight_vjp(x.view(), dl.view(), Some(&name_refs))?;
+        // One pass: the entropies and the weight gradients of the merged tensors only.
+        let (entropy, grads) =
+            joint.model.entropy_weight_grads(x.view(), mask.view(), &row_weights, Some(&name_refs))?;
+        let loss: f64 = entropy.iter().zip(&row_weights).map(|(&h, &w)| f64::from(h) * f64::from(w)).sum();
         let by_name: std::collections::HashMap<&str, &ArrayD<f32>> =
             grads.iter().map(|(k, v)| (k.strip_prefix("grad.").unwrap_or(k), v)).collect();
         let g =
