@@ -317,7 +317,7 @@ const BUCKET_SHIFT: u32 = 16;
 /// u32 counts keep each task's table at 128 KiB; d < 2^32 entries per model.
 fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
     let tasks = flat.tasks();
-    let mut hist = vec![0u32; tasks * BUCKETS];
+    let mut hist = vec![0u32; 2 * tasks * BUCKETS];
     let mut buf = vec![0.0f32; CHUNK];
     for kk in 0..flat.names.len() {
         for off in (0..flat.len(kk)).step_by(CHUNK) {
@@ -325,28 +325,32 @@ fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
             for t in 0..tasks {
                 let b = &mut buf[..len];
                 src.fill(t, kk, off, b);
-                let h = &mut hist[t * BUCKETS..(t + 1) * BUCKETS];
-                // Two entries per step into one table: the increments of neighbouring entries
-                // (often the same bucket) overlap instead of waiting on each other's store.
+                let hist2 = &mut hist[2 * t * BUCKETS..2 * (t + 1) * BUCKETS];
+                // Even and odd entries count into two tables (summed at the end), so that runs of
+                // one bucket do not serialise on a single counter.
+                let (h0, h1) = hist2.split_at_mut(BUCKETS);
                 let mut pairs = b.chunks_exact(2);
                 for p in &mut pairs {
-                    let (i, j) = (
-                        (p[0].abs().to_bits() >> BUCKET_SHIFT) as usize,
-                        (p[1].abs().to_bits() >> BUCKET_SHIFT) as usize,
-                    );
-                    if i == j {
-                        h[i] += 2;
-                    } else {
-                        h[i] += 1;
-                        h[j] += 1;
-                    }
+                    h0[(p[0].abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
+                    h1[(p[1].abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
                 }
                 for x in pairs.remainder() {
-                    h[(x.abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
+                    h0[(x.abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
                 }
             }
         }
     }
+    for t in 0..tasks {
+        let (dst, src) = hist.split_at_mut((2 * t + 1) * BUCKETS);
+        for (a, &b) in dst[2 * t * BUCKETS..].iter_mut().zip(&src[..BUCKETS]) {
+            *a += b;
+        }
+    }
+    // Task t's table at [t B, (t + 1) B).
+    for t in 1..tasks {
+        hist.copy_within(2 * t * BUCKETS..(2 * t + 1) * BUCKETS, t * BUCKETS);
+    }
+    hist.truncate(tasks * BUCKETS);
     hist
 }
 
@@ -478,9 +482,18 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
         for (c, o) in out.chunks_mut(CHUNK).enumerate() {
             let off = c * CHUNK;
             let len = o.len();
+            let base = &flat.base[kk][off..off + len];
+            // Branch-free loops over entries (t outer, entries inner) so that they vectorise.
+            let (sum, rest) = scratch.split_at_mut(CHUNK);
+            let (asum, rest) = rest.split_at_mut(CHUNK);
+            let (acc, cnt) = rest.split_at_mut(CHUNK);
+            let (sum, asum, acc, cnt) = (&mut sum[..len], &mut asum[..len], &mut acc[..len], &mut cnt[..len]);
             let flags = &mut flags[..len];
+            sum.fill(0.0);
+            asum.fill(0.0);
             flags.fill(0);
             let mut any_flag = false;
+            // Fill, trim and sum each task while its chunk is in L1.
             for t in 0..tasks {
                 let b = &mut bufs[t * CHUNK..t * CHUNK + len];
                 src.fill(t, kk, off, b);
@@ -502,59 +515,64 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
                         }
                     }
                 }
-            }
-            let base = &flat.base[kk][off..off + len];
-            // Branch-free over entries (t outer, entries inner) so that the loops vectorise.
-            let (sum, rest) = scratch.split_at_mut(CHUNK);
-            let (asum, rest) = rest.split_at_mut(CHUNK);
-            let (acc, cnt) = rest.split_at_mut(CHUNK);
-            let (sum, asum, acc, cnt) = (&mut sum[..len], &mut asum[..len], &mut acc[..len], &mut cnt[..len]);
-            sum.fill(0.0);
-            asum.fill(0.0);
-            acc.fill(0.0);
-            cnt.fill(0.0);
-            for t in 0..tasks {
-                let b = &bufs[t * CHUNK..t * CHUNK + len];
-                for ((s, a), &x) in sum.iter_mut().zip(asum.iter_mut()).zip(b) {
+                for ((s, a), &x) in sum.iter_mut().zip(asum.iter_mut()).zip(b.iter()) {
                     *s += x;
                     *a += x.abs();
                 }
             }
-            // The elected sign: +1, -1, or 0 for a zero sum (tensor scope: +1); deferred entries
-            // are counted when they are decided.
-            for (i, s) in sum.iter_mut().enumerate() {
-                if any_flag && flags[i] != 0 {
-                    *s = 0.0;
-                    continue;
-                }
-                *s = if *s > 0.0 {
-                    sign_total += 1;
+            // The elected sign: +1, -1, or for a zero sum `zero_sign` (+1 in tensor scope, 0 =
+            // undecided in global scope); deferred entries get 0 here and are counted when they
+            // are settled.
+            let mut total = 0i32;
+            let mut zero_seen = 0u32;
+            for ((s, &a), &f) in sum.iter_mut().zip(asum.iter()).zip(flags.iter()) {
+                let open = f == 0;
+                let p = *s > 0.0 && open;
+                let q = *s < 0.0 && open;
+                let z = !(*s > 0.0) && !(*s < 0.0) && open;
+                total += i32::from(p) - i32::from(q);
+                zero_seen |= u32::from(z && a > 0.0);
+                *s = if p {
                     1.0
-                } else if *s < 0.0 {
-                    sign_total -= 1;
+                } else if q {
                     -1.0
-                } else {
-                    if zero_sign == 0.0 && asum[i] > 0.0 {
-                        undecided.push((kk, off + i));
-                    }
+                } else if z {
                     zero_sign
+                } else {
+                    0.0
                 };
             }
-            for t in 0..tasks {
-                let b = &bufs[t * CHUNK..t * CHUNK + len];
-                for (((a, c), &x), &e) in acc.iter_mut().zip(cnt.iter_mut()).zip(b).zip(sum.iter()) {
-                    let keep = x * e > 0.0;
-                    *a += if keep { x } else { 0.0 };
-                    *c += if keep { 1.0 } else { 0.0 };
+            sign_total += i64::from(total);
+            if zero_seen != 0 && zero_sign == 0.0 {
+                for (i, ((&e, &a), &f)) in sum.iter().zip(asum.iter()).zip(flags.iter()).enumerate() {
+                    if e == 0.0 && a > 0.0 && f == 0 {
+                        undecided.push((kk, off + i));
+                    }
                 }
             }
+            acc.fill(0.0);
             match opt.aggregate {
                 Aggregate::Sum => {
+                    for t in 0..tasks {
+                        let b = &bufs[t * CHUNK..t * CHUNK + len];
+                        for ((a, &x), &e) in acc.iter_mut().zip(b).zip(sum.iter()) {
+                            *a += if x * e > 0.0 { x } else { 0.0 };
+                        }
+                    }
                     for ((o, &b), &a) in o.iter_mut().zip(base).zip(acc.iter()) {
                         *o = b + opt.lambda * a;
                     }
                 }
                 Aggregate::Mean => {
+                    cnt.fill(0.0);
+                    for t in 0..tasks {
+                        let b = &bufs[t * CHUNK..t * CHUNK + len];
+                        for (((a, c), &x), &e) in acc.iter_mut().zip(cnt.iter_mut()).zip(b).zip(sum.iter()) {
+                            let keep = x * e > 0.0;
+                            *a += if keep { x } else { 0.0 };
+                            *c += if keep { 1.0 } else { 0.0 };
+                        }
+                    }
                     for (((o, &b), &a), &c) in o.iter_mut().zip(base).zip(acc.iter()).zip(cnt.iter()) {
                         *o = b + opt.lambda * (a / c.max(1.0));
                     }
