@@ -527,9 +527,10 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             let mut zero_seen = 0u32;
             for ((s, &a), &f) in sum.iter_mut().zip(asum.iter()).zip(flags.iter()) {
                 let open = f == 0;
-                let p = *s > 0.0 && open;
-                let q = *s < 0.0 && open;
-                let z = !(*s > 0.0) && !(*s < 0.0) && open;
+                let (gt, lt) = (*s > 0.0, *s < 0.0);
+                let p = gt && open;
+                let q = lt && open;
+                let z = !gt && !lt && open;
                 total += i32::from(p) - i32::from(q);
                 zero_seen |= u32::from(z && a > 0.0);
                 *s = if p {
