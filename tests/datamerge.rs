@@ -258,6 +258,47 @@ fn surgery_corrects_the_features_and_the_model_goes_through_it() {
     }
 }
 
+#[test]
+fn surgery_fusionbench_variant_learns_on_unit_features_and_the_model_gives_its_logits() {
+    use mergeattack_core::merge::surgery::{Surgery, normalize_rows};
+    let pool = pool(0.5);
+    let data = data(false, true);
+    let base = [("surgery_steps", "60"), ("surgery_batch", "4"), ("surgery_lr", "1e-2")];
+    let mut with = base.to_vec();
+    with.push(("surgery_normalize", "true"));
+    let plain = run(&pool, "task-arithmetic", &Params::new(), &data);
+    let raw = run(&pool, "task-arithmetic+surgery", &params(&base), &data);
+    let merged = run(&pool, "task-arithmetic+surgery", &params(&with), &data);
+    let modules = merged.surgery.as_ref().unwrap();
+    assert_ne!(modules[0].get("surgery.up"), raw.surgery.as_ref().unwrap()[0].get("surgery.up"), "the option acts");
+    for (t, d) in data.iter().enumerate() {
+        let x = d.test.as_ref().unwrap();
+        let (_, f_plain) = plain.model(&pool, t, opts()).unwrap().forward(x.view()).unwrap();
+        let (logits, _) = merged.model(&pool, t, opts()).unwrap().forward(x.view()).unwrap();
+        let (_, f_ft) = model(&pool, &pool.models[t], t).forward(x.view()).unwrap();
+        let (u, ut) = (normalize_rows(f_plain.view()), normalize_rows(f_ft.view()));
+        let down = modules[t].get("surgery.down").unwrap().view().into_dimensionality().unwrap();
+        let up = modules[t].get("surgery.up").unwrap().view().into_dimensionality().unwrap();
+        let s = Surgery::from_parts(down.to_owned(), up.to_owned()).unwrap();
+        // FusionBench's corrected feature: the module on the unit feature; it moved toward the unit
+        // fine-tuned feature.
+        let fixed = s.apply(u.view());
+        let l1 = |a: &Array2<f32>| (a - &ut).mapv(f32::abs).mean().unwrap();
+        assert!(l1(&fixed) < 0.9 * l1(&u), "task {t}: {} -> {}", l1(&u), l1(&fixed));
+        // The model (its block on the raw feature) gives FusionBench's logits.
+        let head = &pool.heads[t];
+        for i in 0..x.dim().0 {
+            let f = fixed.row(i);
+            let fn_ = f.dot(&f).sqrt();
+            for c in 0..head.nrows() {
+                let h = head.row(c);
+                let cos = f.dot(&h) / (fn_ * h.dot(&h).sqrt());
+                assert!((logits[[i, c]] - 100.0 * cos).abs() < 1e-3, "task {t} logit [{i},{c}]");
+            }
+        }
+    }
+}
+
 fn golden_path(method: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/datamerge")

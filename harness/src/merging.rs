@@ -559,6 +559,13 @@ fn run_surgery(
         let mut m = Model::from_params(pool.config.clone(), &fp, pool.heads[t].view(), options.clone(), &label)?;
         let (_, ft) = m.forward(x.view())?;
         drop(m);
+        // FusionBench variant: the module learns on unit features; applied to the raw feature by
+        // the graph it gives the same logits (see core::merge::surgery).
+        let (f, ft) = if cfg.normalize {
+            (surgery::normalize_rows(f.view()), surgery::normalize_rows(ft.view()))
+        } else {
+            (f, ft)
+        };
         let d = f.ncols();
         let mut init = rng::stream(seed, &[b"surgery", b"init", task.as_bytes()]);
         let mut module = surgery::Surgery::new(d, cfg.rank, &mut init);

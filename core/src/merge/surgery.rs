@@ -8,6 +8,13 @@
 //! the same image. Adam lr 1e-3; 500 iterations, each with 2 batches of 16 per task and an Adam
 //! step per batch. The engine computes the features once (the encoders are frozen); everything
 //! here runs on feature matrices.
+//!
+//! FusionBench variant (`surgery_normalize=true`): FusionBench's `compute_features` L2-normalises
+//! the projected feature of both the merged and the fine-tuned model, so the module is trained on
+//! u = f/‖f‖ against f_t/‖f_t‖ and corrects u. The same module applied to the raw feature gives
+//! f - W_up ReLU(W_down f) = ‖f‖ (u - W_up ReLU(W_down u)) (ReLU is positively homogeneous and
+//! there is no bias), and the logits are cosines, so the vision graph's block on the raw feature
+//! yields exactly FusionBench's logits: only the training inputs change ([`normalize_rows`]).
 
 use alloc::vec::Vec;
 
@@ -29,6 +36,11 @@ pub const PARAMS: &[ParamSpec] = &[
     ParamSpec { name: "surgery_lr", default: "1e-3", help: "Adam learning rate" },
     ParamSpec { name: "surgery_batch", default: "16", help: "unlabelled test images per batch" },
     ParamSpec { name: "surgery_batches", default: "2", help: "batches (and Adam steps) per task per iteration" },
+    ParamSpec {
+        name: "surgery_normalize",
+        default: "false",
+        help: "FusionBench variant: train on L2-normalised features (with surgery_steps=1000 surgery_batches=1)",
+    },
 ];
 
 /// Parsed parameters.
@@ -39,6 +51,8 @@ pub struct SurgeryConfig {
     pub lr: f32,
     pub batch: usize,
     pub batches: usize,
+    /// Train on L2-normalised merged and fine-tuned features (FusionBench).
+    pub normalize: bool,
 }
 
 impl SurgeryConfig {
@@ -51,8 +65,28 @@ impl SurgeryConfig {
         check_range("surgery_batch", batch as f64, batch >= 1, ">= 1")?;
         let batches = p.usize_or("surgery_batches", 2)?;
         check_range("surgery_batches", batches as f64, batches >= 1, ">= 1")?;
-        Ok(SurgeryConfig { rank, steps: p.usize_or("surgery_steps", 500)?, lr: lr as f32, batch, batches })
+        Ok(SurgeryConfig {
+            rank,
+            steps: p.usize_or("surgery_steps", 500)?,
+            lr: lr as f32,
+            batch,
+            batches,
+            normalize: p.bool_or("surgery_normalize", false)?,
+        })
     }
+}
+
+/// Each row of `f` divided by its L2 norm (an f64 sum); a zero row stays zero (FusionBench would
+/// divide by 0).
+pub fn normalize_rows(f: ArrayView2<'_, f32>) -> Array2<f32> {
+    let mut out = f.to_owned();
+    for mut row in out.outer_iter_mut() {
+        let n = libm::sqrt(row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>());
+        if n > 0.0 {
+            row.mapv_inplace(|v| (f64::from(v) / n) as f32);
+        }
+    }
+    out
 }
 
 /// One task's feature correction.
@@ -267,6 +301,75 @@ mod tests {
             p[[i, j]] -= 2.0 * h;
             let fd = (lp - loss64(&d0, &p)) / (2.0 * h);
             assert!((f64::from(g.up[[i, j]]) - fd).abs() < 1e-5, "up[{i},{j}] {} vs {fd}", g.up[[i, j]]);
+        }
+    }
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn normalized_variant_gradient_matches_finite_differences_and_its_logits_need_no_new_block() {
+        let (n, d, r) = (5, 6, 3);
+        let mut s = Surgery::new(d, r, &mut crate::rng::stream(13, &[b"s"]));
+        s.up = feats(14, d, r);
+        let mut f = feats(15, n, d) * 3.0;
+        f.row_mut(4).fill(0.0);
+        let target = feats(16, n, d) * 0.2;
+        let cfg = |v: &str| {
+            let mut p = Params::new();
+            p.set("surgery_normalize", v);
+            SurgeryConfig::from_params(&p)
+        };
+        assert!(cfg("true").unwrap().normalize && !cfg("false").unwrap().normalize);
+        assert!(!SurgeryConfig::from_params(&Params::new()).unwrap().normalize, "off by default");
+        assert!(cfg("maybe").is_err());
+        let (u, ut) = (normalize_rows(f.view()), normalize_rows(target.view()));
+        assert_eq!(u.row(4).iter().filter(|v| **v != 0.0).count(), 0, "a zero row stays zero");
+        // The FusionBench loss in f64, normalisation included: mean abs(u - up relu(down u) - t/|t|).
+        let loss64 = |down: &Array2<f64>, up: &Array2<f64>| -> f64 {
+            let mut total = 0.0;
+            for i in 0..n {
+                let fi: Vec<f64> = f.row(i).iter().map(|&v| f64::from(v)).collect();
+                let ti: Vec<f64> = target.row(i).iter().map(|&v| f64::from(v)).collect();
+                let (nf, nt) =
+                    (fi.iter().map(|v| v * v).sum::<f64>().sqrt(), ti.iter().map(|v| v * v).sum::<f64>().sqrt());
+                let ui: Vec<f64> = fi.iter().map(|v| if nf > 0.0 { v / nf } else { 0.0 }).collect();
+                let a: Vec<f64> = (0..r).map(|k| (0..d).map(|j| down[[k, j]] * ui[j]).sum::<f64>().max(0.0)).collect();
+                for j in 0..d {
+                    let o = ui[j] - (0..r).map(|k| up[[j, k]] * a[k]).sum::<f64>();
+                    total += (o - ti[j] / nt).abs();
+                }
+            }
+            total / (n * d) as f64
+        };
+        let g = s.loss_grad(u.view(), ut.view()).unwrap();
+        let (d0, u0) = (s.down.mapv(f64::from), s.up.mapv(f64::from));
+        assert!((loss64(&d0, &u0) - g.loss).abs() < 1e-6);
+        let h = 1e-5;
+        let mut active = 0;
+        for (which, shape) in [(0, (r, d)), (1, (d, r))] {
+            for i in 0..shape.0 {
+                for j in 0..shape.1 {
+                    let (mut dp, mut up) = (d0.clone(), u0.clone());
+                    let p = if which == 0 { &mut dp } else { &mut up };
+                    p[[i, j]] += h;
+                    let lp = loss64(&dp, &up);
+                    let p = if which == 0 { &mut dp } else { &mut up };
+                    p[[i, j]] -= 2.0 * h;
+                    let fd = (lp - loss64(&dp, &up)) / (2.0 * h);
+                    let an = f64::from(if which == 0 { g.down[[i, j]] } else { g.up[[i, j]] });
+                    active += usize::from(fd != 0.0);
+                    assert!((an - fd).abs() < 1e-5, "{which} [{i},{j}]: {an} vs {fd}");
+                }
+            }
+        }
+        assert!(active > r * d, "most entries should see a gradient ({active})");
+        // The module on the raw feature is ‖f‖ times the module on the normalised one.
+        let raw = s.apply(f.view());
+        let on_unit = s.apply(u.view());
+        for i in 0..n {
+            let nf = libm::sqrt(f.row(i).iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()) as f32;
+            for j in 0..d {
+                assert!((raw[[i, j]] - nf * on_unit[[i, j]]).abs() < 1e-5, "[{i},{j}]");
+            }
         }
     }
 
