@@ -196,6 +196,26 @@ fn kernels() {
     }
 }
 
+/// The SVD path of tsv-m / iso-c / iso-cts on ViT-B/32 block shapes: one thin SVD of a 3072 x 768
+/// and of a 768 x 768 matrix (random entries), best of `MERGEATTACK_BENCH_REPS`.
+fn svd_shapes() {
+    use mergeattack_core::linalg::svd;
+    use rand::RngExt;
+    let reps = env_usize("MERGEATTACK_BENCH_REPS", 3).max(1);
+    for (m, n) in [(3072usize, 768usize), (768, 768)] {
+        let mut r = mergeattack_core::rng::stream(5, &[b"bench-svd"]);
+        let a = ndarray::Array2::from_shape_fn((m, n), |_| r.random::<f64>() - 0.5);
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let d = svd(a.view()).expect("svd");
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(&d.s);
+        }
+        println!("svd {m} x {n}: {best:.3} s (load {})", load());
+    }
+}
+
 fn tiny(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (base, models) = synth::write_set(dir.path(), &SynthConfig::tiny(), 4, 0, 0.05).unwrap();
@@ -210,6 +230,10 @@ fn tiny(c: &mut Criterion) {
 }
 
 fn main() {
+    if std::env::var("MERGEATTACK_BENCH_SVD").is_ok_and(|v| v == "1") {
+        svd_shapes();
+        return;
+    }
     if std::env::var("MERGEATTACK_BENCH_KERNELS").is_ok_and(|v| v == "1") {
         kernels();
         return;

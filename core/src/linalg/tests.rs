@@ -143,3 +143,48 @@ fn spd_solve_residuals_and_the_semidefinite_fallback() {
     bad[[0, 0]] = f64::NAN;
     assert!(matches!(solve_spd(bad.view(), rhs.view()), Err(LinalgError::NotFinite { .. })));
 }
+
+#[test]
+fn top_eigenpairs_equal_the_full_decomposition() {
+    for (n, k, seed) in [(60usize, 7usize, 21u64), (33, 33, 22), (5, 1, 23), (1, 1, 24)] {
+        let b = random(n, n, seed);
+        let a = &b + &b.t();
+        let full = sym_eig(a.view()).unwrap();
+        let (values, vectors) = sym_eig_top(a.view(), k).unwrap();
+        assert_eq!(vectors.dim(), (n, k));
+        for c in 0..k {
+            // The same QL iteration: the same eigenvalues, bit for bit.
+            assert_eq!(values[c].to_bits(), full.values[n - 1 - c].to_bits(), "n {n} value {c}");
+            let want = full.vectors.row(n - 1 - c);
+            let got = vectors.column(c);
+            let sign = if want.dot(&got) < 0.0 { -1.0 } else { 1.0 };
+            let err = got.iter().zip(want.iter()).fold(0.0f64, |m, (g, w)| m.max((g - sign * w).abs()));
+            assert!(err < 1e-10, "n {n} vector {c}: {err}");
+            let r = a.dot(&got) - &got * values[c];
+            assert!(r.iter().all(|x| x.abs() < 1e-10), "n {n} residual of pair {c}");
+        }
+        assert_orthonormal_columns(&vectors, 1e-12);
+    }
+    assert!(matches!(sym_eig_top(random(3, 3, 1).view(), 4), Err(LinalgError::Shape { .. })));
+}
+
+#[test]
+fn top_singular_triplets_of_tall_wide_and_rank_deficient_matrices() {
+    let deficient = random(40, 3, 31).dot(&random(3, 25, 32));
+    for (a, k) in [(random(120, 40, 33), 9usize), (random(40, 120, 34), 40), (deficient, 6)] {
+        let full = svd(a.view()).unwrap();
+        let top = svd_top(a.view(), k).unwrap();
+        let (m, n) = a.dim();
+        assert_eq!((top.u.dim(), top.v.dim(), top.s.len()), ((m, k), (n, k), k));
+        for i in 0..k {
+            assert!((top.s[i] - full.s[i]).abs() < 1e-10 * full.s[0], "singular value {i}");
+        }
+        // U^T A V = diag(s), with orthonormal factors.
+        let core = top.u.t().dot(&a).dot(&top.v);
+        let want = Array2::from_diag(&top.s);
+        assert!(max_abs(&(&core - &want)) < 1e-9 * full.s[0], "{m}x{n}: U^T A V");
+        assert_orthonormal_columns(&top.u, 1e-9);
+        assert_orthonormal_columns(&top.v, 1e-9);
+    }
+    assert!(matches!(svd_top(random(4, 3, 1).view(), 4), Err(LinalgError::Shape { .. })));
+}

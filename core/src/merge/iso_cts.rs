@@ -8,7 +8,7 @@ use ndarray::{Array1, Array2};
 use super::common::{svd_frame, unit};
 use super::tsv_m::orthogonalised;
 use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params};
-use crate::linalg::{LinalgError, svd};
+use crate::linalg::{LinalgError, svd, svd_top};
 
 pub struct IsoCts;
 
@@ -54,7 +54,7 @@ fn iso_cts(taus: &[Array2<f64>], fraction: f64) -> Result<Array2<f64>, LinalgErr
             break;
         }
         let proj = tau - &uc.dot(&uc.t().dot(tau));
-        let ts = svd(proj.view())?;
+        let ts = svd_top(proj.view(), d)?;
         for i in 0..d {
             u.column_mut(t * d + i).assign(&ts.u.column(i));
             sv[t * d + i] = ts.s[i];

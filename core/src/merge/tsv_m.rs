@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, Axis};
 
 use super::common::svd_frame;
 use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params};
-use crate::linalg::{LinalgError, polar, svd};
+use crate::linalg::{LinalgError, polar, svd_top};
 
 pub struct TsvM;
 
@@ -38,7 +38,8 @@ fn tsv(taus: &[Array2<f64>]) -> Result<Array2<f64>, LinalgError> {
     let mut sv = Array1::zeros(p);
     let mut v = Array2::zeros((n, p));
     for (t, tau) in taus.iter().enumerate() {
-        let d = svd(tau.view())?;
+        // Only the k kept triplets are computed.
+        let d = svd_top(tau.view(), k)?;
         for i in 0..k {
             u.column_mut(t * k + i).assign(&d.u.column(i));
             sv[t * k + i] = d.s[i];
