@@ -960,6 +960,22 @@ impl Graph {
         )
     }
 
+    /// The mean and inverse standard deviation a `LayerNormalization` node `k` computes, as its
+    /// optional second and third outputs (shape of the input with the normalised axis 1, stash
+    /// type = the input's type); added on first request so forward-only graphs keep one output.
+    pub(crate) fn layer_norm_stats(&mut self, k: usize) -> (Value, Value) {
+        assert!(matches!(self.nodes[k].op, Op::LayerNorm { .. }), "layer_norm_stats: node {k} is not a LayerNorm");
+        if self.nodes[k].outputs.len() == 1 {
+            let x = self.nodes[k].inputs[0];
+            let (e, mut s) = (self.elem(x), self.shape(x).to_vec());
+            *s.last_mut().expect("LayerNormalization input has rank >= 1") = Dim::Fixed(1);
+            let mean = self.new_value(e, s.clone(), Some(k));
+            let inv = self.new_value(e, s, Some(k));
+            self.nodes[k].outputs.extend([mean, inv]);
+        }
+        (self.nodes[k].outputs[1], self.nodes[k].outputs[2])
+    }
+
     /// Softmax along `axis` (use the last axis: ORT's fast path).
     pub fn softmax(&mut self, x: Value, axis: i64) -> Value {
         let a = norm_axis(axis, self.rank(x)) as i64;

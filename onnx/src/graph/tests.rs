@@ -279,9 +279,17 @@ fn reductions_and_normalisations() {
     check("log_softmax", &[(s, x.clone())], &[], |g, x, _| g.log_softmax(x[0], -1));
     let gam = data(51, &[4], 0.5, 1.5);
     let bet = data(52, &[4], -0.5, 0.5);
-    check("layer_norm", &[(s, x.clone()), (&[4], gam), (&[4], bet)], &[], |g, x, _| {
+    check("layer_norm", &[(s, x.clone()), (&[4], gam.clone()), (&[4], bet.clone())], &[], |g, x, _| {
         g.layer_norm(x[0], x[1], x[2], 1e-5)
     });
+    // f32: the backward reads the mean and 1/sigma the forward node saved (f64 recomputes them).
+    check_in(
+        ElemType::F32,
+        "layer_norm_f32",
+        &[(s, x.clone()), (&[4], gam.clone()), (&[4], bet.clone())],
+        &[],
+        |g, x, _| g.layer_norm(x[0], x[1], x[2], 1e-5),
+    );
     check("cross_entropy", &[(&[3, 5], data(53, &[3, 5], -2.0, 2.0))], &[(&[3], vec![4, 0, 2])], |g, x, i| {
         let lp = g.log_softmax(x[0], -1);
         let l = g.unsqueeze(i[0], &[1]);
@@ -332,4 +340,38 @@ fn external_initializers_bind_at_session_creation() {
     let xin = Tensor::from_array((vec![1usize, 2], vec![2.0f32, 5.0])).unwrap();
     let out = s.run(ort::inputs!["x" => xin]).unwrap();
     assert_eq!(out["y"].try_extract_tensor::<f32>().unwrap().1, &[2.0, 5.0, 7.0]);
+}
+
+#[test]
+fn f32_layer_norm_gradients_from_saved_statistics_equal_the_f64_recomputation() {
+    let (s, d) = (&[3usize, 5, 16][..], 3 * 5 * 16);
+    let x = data(60, s, -2.0, 3.0);
+    let (gam, bet, r) = (data(61, &[16], 0.5, 1.5), data(62, &[16], -0.5, 0.5), data(63, s, -1.0, 1.0));
+    let grads = |ft: ElemType| {
+        let mut g = Graph::new("ln_stats", ft);
+        let xv = g.input("x", ft, &dims(s));
+        let gv = g.input("g", ft, &dims(&[16]));
+        let bv = g.input("b", ft, &dims(&[16]));
+        let y = g.layer_norm(xv, gv, bv, 1e-5);
+        let rv = g.const_float(s, &r);
+        let m = g.mul(y, rv);
+        let l = g.sum_all(m);
+        let gr = g.grad(l, &[xv, gv, bv]);
+        let ln = g.nodes.iter().find(|n| n.op_type == "LayerNormalization").expect("one LayerNorm");
+        assert_eq!(ln.outputs.len(), if ft == ElemType::F32 { 3 } else { 1 }, "{ft:?}");
+        for (v, n) in gr.iter().zip(["dx", "dg", "db"]) {
+            g.output(*v, n);
+        }
+        let f = |shape: &[usize], v: &[f64]| match ft {
+            ElemType::F64 => Feed::F64(shape.to_vec(), v.to_vec()),
+            _ => Feed::F32(shape.to_vec(), v.iter().map(|&a| a as f32).collect()),
+        };
+        let mut sess = session(&g);
+        run(&mut sess, &[("x", f(s, &x)), ("g", f(&[16], &gam)), ("b", f(&[16], &bet))], &["dx", "dg", "db"])
+    };
+    let (g32, g64) = (grads(ElemType::F32), grads(ElemType::F64));
+    assert_eq!(g32[0].len(), d);
+    for (a, b) in g32.iter().flatten().zip(g64.iter().flatten()) {
+        assert!((a - b).abs() <= 2e-5 * (1.0 + b.abs()), "f32 {a} vs f64 {b}");
+    }
 }
