@@ -59,7 +59,7 @@ fn full() {
     let (base, models) = full_set();
     let params = SynthConfig::vit_b32().numel();
     println!("ViT-B/32-shaped checkpoints: {params} f32 parameters each, pretrained + {} fine-tuned", models.len());
-    println!("{:<16} {:>9} {:>9} {:>9} {:>9}", "method", "seconds", "GB read", "GB writ", "GB/s");
+    println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>7}", "method", "seconds", "GB read", "GB writ", "GB/s", "load");
     let mut bytes = 0u64;
     for m in FULL_METHODS {
         if lookup(m).is_err() {
@@ -73,10 +73,11 @@ fn full() {
         let total = r.bytes_read + r.bytes_written;
         bytes = bytes.max(total);
         println!(
-            "{m:<16} {s:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{m:<16} {s:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
             r.bytes_read as f64 / 1e9,
             r.bytes_written as f64 / 1e9,
-            total as f64 / 1e9 / s
+            total as f64 / 1e9 / s,
+            load()
         );
         for o in &r.outputs {
             let _ = std::fs::remove_file(o);
@@ -197,9 +198,10 @@ fn kernels() {
 }
 
 /// The SVD path of tsv-m / iso-c / iso-cts on ViT-B/32 block shapes: one thin SVD of a 3072 x 768
-/// and of a 768 x 768 matrix (random entries), best of `MERGEATTACK_BENCH_REPS`.
+/// and of a 768 x 768 matrix (random entries), full and top-96 (`MERGEATTACK_BENCH_SVD=1`), best of
+/// `MERGEATTACK_BENCH_REPS`.
 fn svd_shapes() {
-    use mergeattack_core::linalg::svd;
+    use mergeattack_core::linalg::{svd, svd_top};
     use rand::RngExt;
     let reps = env_usize("MERGEATTACK_BENCH_REPS", 3).max(1);
     for (m, n) in [(3072usize, 768usize), (768, 768)] {
@@ -213,6 +215,14 @@ fn svd_shapes() {
             std::hint::black_box(&d.s);
         }
         println!("svd {m} x {n}: {best:.3} s (load {})", load());
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let d = svd_top(a.view(), 96).expect("svd_top");
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(&d.s);
+        }
+        println!("svd_top {m} x {n}, k = 96 (tsv-m, 8 tasks): {best:.3} s (load {})", load());
     }
 }
 
