@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 PROFILE="${PROFILE:-release}"
 PYTHON="${PYTHON:-python3}"
 lscpu | grep -E "Model name|^CPU\(s\)" || true
+# The machine may be shared: report its load before and after (timings need a quiet machine).
+echo "load before: $(cut -d" " -f1-3 /proc/loadavg)"
 log="$(mktemp)"
 # Peak resident memory of one model doing a forward pass and a forward + input gradient, alone in
 # its process (the criterion run below also creates extra models for the session-creation timing).
@@ -27,3 +29,4 @@ grep engine-summary "$log" || true
 "$PYTHON" scripts/clip_reference/bench_torch.py --threads "${MERGEATTACK_BENCH_THREADS:-2}" \
   --batch "${MERGEATTACK_BENCH_BATCH:-32}" --rust-forward "$fwd" --rust-grad "$grad"
 rm -f "$log"
+echo "load after: $(cut -d" " -f1-3 /proc/loadavg)"
