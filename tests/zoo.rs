@@ -132,6 +132,27 @@ fn reuses_a_matching_pretrained_encoder_and_refuses_another(tmp: &Path, a: &Path
             assert!([2, 4, 5].contains(&k[i].as_u64().unwrap()), "{k}");
         }
     }
+    // Fewer fine-tuned tasks over the same pretraining pool: the encoder is reused, only the
+    // listed tasks are fine-tuned and reported.
+    let sub = tmp.join("sub.toml");
+    std::fs::write(
+        &sub,
+        "tasks = [\"textures\", \"digits\"]\npretrain_tasks = [\"digits\", \"fashion-coarse\", \"textures\"]\nfinetune_steps = 3\nfinetune_warmup = 1\n",
+    )
+    .unwrap();
+    let e = tmp.join("e");
+    let (code, stdout, stderr) = run_cli(args(&sub, &e));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read(a.join(p)).unwrap() == std::fs::read(e.join(p)).unwrap(), "reused encoder differs");
+    assert!(stdout.contains("pooled from digits, fashion-coarse, textures"), "{stdout}");
+    let se: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(e.join("summary.json")).unwrap()).unwrap();
+    let names: Vec<&str> = se["rows"].as_array().unwrap().iter().map(|r| r["task"].as_str().unwrap()).collect();
+    assert_eq!(names, ["textures", "digits"]);
+    assert!(!e.join("finetuned/fashion-coarse").exists());
+    let heads = mergeattack_onnx::weights::Checkpoint::open(e.join("heads.safetensors")).unwrap();
+    assert_eq!(heads.params().unwrap().names().collect::<Vec<_>>(), vec!["digits", "textures"]);
+
     // Other pretraining settings: refused, the file named, nothing written.
     let pt = tmp.join("pt.toml");
     std::fs::write(&pt, "pretrain_steps = 3\n").unwrap();

@@ -223,6 +223,13 @@ pub fn markdown(s: &Summary) -> String {
     let mut o = String::new();
     o.push_str("# Mini zoo summary\n\n");
     o.push_str(&format!("Regime: **{}**.\n\nCache key: `{}`.\n\n", s.regime, s.key));
+    o.push_str(&format!(
+        "Tasks fine-tuned and merged: {}. Pretraining (SimCLR, label-free): {} steps x {} images pooled from {}.\n\n",
+        s.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>().join(", "),
+        s.config.pretrain_steps,
+        s.config.pretrain_batch,
+        s.config.pretrain_pool().join(", ")
+    ));
     let curve = |c: &[(f32, f64)]| c.iter().map(|(l, v)| format!("{l}: {v:.3}")).collect::<Vec<_>>().join(", ");
     o.push_str(&format!(
         "Lambdas chosen on validation (mean validation accuracy per lambda): task arithmetic {} ({}); TIES (k {}) {} ({}).\n\n",

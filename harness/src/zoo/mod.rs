@@ -46,7 +46,7 @@ pub fn pretrain_key(suite: &str, cfg: &ZooConfig) -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "code": PRETRAIN_CODE_VERSION,
         "seed": cfg.seed,
-        "tasks": cfg.tasks,
+        "tasks": cfg.pretrain_pool(),
         "vision": cfg.vision(),
         "pretrain_steps": cfg.pretrain_steps,
         "pretrain_batch": cfg.pretrain_batch,
@@ -163,14 +163,16 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
     let mut times: Vec<(String, f64)> = Vec::new();
 
     let t = Instant::now();
-    let tasks = train::load_tasks(data_root, cfg)?;
+    // The fine-tuned tasks first, then any task that only pretraining uses.
+    let loaded = train::load_tasks(data_root, cfg)?;
+    let tasks = &loaded[..cfg.tasks.len()];
     times.push(("data".into(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
     let (pretrained, loss_first_last) = match pretrained_from {
         Some(from) => reuse_pretrained(from, cfg)?,
         None => {
-            let (p, losses) = train::pretrain(cfg, &tasks)?;
+            let (p, losses) = train::pretrain(cfg, &loaded)?;
             let fl = (losses.first().copied().unwrap_or(f64::NAN), losses.last().copied().unwrap_or(f64::NAN));
             (p, fl)
         }
@@ -198,7 +200,7 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
 
     let t = Instant::now();
     let mut heads: Vec<Array2<f32>> = Vec::new();
-    for task in &tasks {
+    for task in tasks {
         heads.push(train::class_head(cfg, &pretrained, task)?);
     }
     let mut hp = ParamSet::new();
@@ -228,7 +230,7 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
     times.push(("fine-tuning".into(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
-    let ev = eval::evaluate(cfg, &tasks, &pretrained, &heads, &finetuned, &reference)?;
+    let ev = eval::evaluate(cfg, tasks, &pretrained, &heads, &finetuned, &reference)?;
     let (rows, forgetting) = (ev.rows, ev.forgetting);
     times.push(("evaluation".into(), t.elapsed().as_secs_f64()));
     let (mean, gap_closed, bar, mean_forgetting) = eval::judge(&rows, &forgetting);
@@ -261,4 +263,31 @@ pub fn build(data_root: &Path, cfg: &ZooConfig, out: &Path, pretrained_from: Opt
     let kept = tmp.keep();
     std::fs::rename(&kept, out).with_context(|| format!("move the finished zoo to {}", out.display()))?;
     Ok(Built::Trained(out.to_path_buf(), Box::new(summary)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pretraining_key_follows_the_pretraining_pool_not_the_fine_tuned_tasks() {
+        let five: Vec<String> =
+            ["digits", "fashion", "fashion-coarse", "animals", "textures"].iter().map(|s| s.to_string()).collect();
+        let a = ZooConfig { tasks: five.clone(), ..ZooConfig::default() };
+        let b = ZooConfig {
+            tasks: vec!["digits".into(), "animals".into()],
+            pretrain_tasks: five.clone(),
+            finetune_lr: 1e-4,
+            ..ZooConfig::default()
+        };
+        assert_eq!(pretrain_key("mini", &a), pretrain_key("mini", &b));
+        assert_ne!(cache_key("mini", &a), cache_key("mini", &b));
+        // Another pool, or the same tasks in another order (another sample stream): another key.
+        let c = ZooConfig { pretrain_tasks: five[..4].to_vec(), ..b.clone() };
+        assert_ne!(pretrain_key("mini", &b), pretrain_key("mini", &c));
+        let mut rev = five;
+        rev.reverse();
+        let d = ZooConfig { pretrain_tasks: rev, ..b.clone() };
+        assert_ne!(pretrain_key("mini", &b), pretrain_key("mini", &d));
+    }
 }

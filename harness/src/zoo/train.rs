@@ -42,10 +42,12 @@ fn whole(d: &crate::data::Dataset, limit: usize) -> Result<(Array4<f32>, Vec<usi
     Ok((b.images.select(Axis(0), &idx), idx.iter().map(|&i| b.labels[i]).collect()))
 }
 
-/// Load the configured tasks from the mini-suite cache at `root`.
+/// Load the configured tasks from the mini-suite cache at `root`: the fine-tuned `tasks` in order,
+/// then the pretraining-only tasks of `pretrain_tasks`.
 pub fn load_tasks(root: &Path, cfg: &ZooConfig) -> Result<Vec<TaskData>> {
     let mut out = Vec::new();
-    for name in &cfg.tasks {
+    let extra = cfg.pretrain_pool().iter().filter(|t| !cfg.tasks.contains(t));
+    for name in cfg.tasks.iter().chain(extra) {
         let t = mini::load(root, name)
             .with_context(|| format!("load mini-suite task `{name}` (run `mergeattack setup`)"))?;
         let (train, train_labels) = whole(&t.train, 0)?;
@@ -197,9 +199,15 @@ fn sizes(params: &ParamSet<'_>, names: &[String]) -> Vec<usize> {
     names.iter().map(|n| params.get(n).map_or(0, |t| t.len())).collect()
 }
 
-/// Pretrain the shared encoder with SimCLR on the pooled train images of all tasks. Returns the
-/// weights and the per-step losses.
-pub fn pretrain(cfg: &ZooConfig, tasks: &[TaskData]) -> Result<(ParamSet<'static>, Vec<f64>)> {
+/// Pretrain the shared encoder with SimCLR on the pooled train images of the pretraining tasks
+/// (`cfg.pretrain_pool()`, in that order; `loaded` must hold each of them). Returns the weights
+/// and the per-step losses.
+pub fn pretrain(cfg: &ZooConfig, loaded: &[TaskData]) -> Result<(ParamSet<'static>, Vec<f64>)> {
+    let tasks: Vec<&TaskData> = cfg
+        .pretrain_pool()
+        .iter()
+        .map(|n| loaded.iter().find(|t| &t.name == n).ok_or_else(|| anyhow::anyhow!("task `{n}` was not loaded")))
+        .collect::<Result<_>>()?;
     let vision = cfg.vision();
     let mut params = init_params(&vision, cfg.seed);
     let names: Vec<String> = params.names().map(String::from).collect();
