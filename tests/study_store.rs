@@ -21,7 +21,7 @@ fn the_example_config_parses_and_is_the_built_in_default() {
     let def = StudyConfig::default_study();
     assert_eq!(ex, def);
     assert_eq!(ex.hash(), def.hash());
-    assert_eq!(ex.settings().len(), 7 * 8 * 6);
+    assert_eq!(ex.settings().len(), 4 * 8 * 6);
     let names: Vec<&str> = ex.methods.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
@@ -197,7 +197,7 @@ fn kill_9_mid_run_then_resume_loses_and_duplicates_nothing() {
     let reference = dir.path().join("uninterrupted.sqlite");
     write_all(&reference, Duration::ZERO);
     let want = Store::open_read_only(&reference).unwrap().settings().unwrap();
-    assert_eq!(want.len(), 336);
+    assert_eq!(want.len(), 192);
 
     let path = dir.path().join("killed.sqlite");
     let exe = std::env::current_exe().unwrap();
@@ -212,7 +212,7 @@ fn kill_9_mid_run_then_resume_loses_and_duplicates_nothing() {
             .unwrap()
     };
     let mut kills = 0;
-    for target in [25usize, 120, 200] {
+    for target in [25usize, 90, 150] {
         let mut child = spawn();
         let t0 = Instant::now();
         while count(&path) < target {
@@ -224,7 +224,7 @@ fn kill_9_mid_run_then_resume_loses_and_duplicates_nothing() {
         child.wait().unwrap();
         kills += 1;
         let n = count(&path);
-        assert!((target..336).contains(&n), "{n} settings after the kill");
+        assert!((target..192).contains(&n), "{n} settings after the kill");
     }
     let mut child = spawn();
     assert!(child.wait().unwrap().success(), "the resumed writer failed");
