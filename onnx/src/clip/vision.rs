@@ -498,6 +498,22 @@ mod tests {
             .collect()
     }
 
+    /// Central finite difference of `f` in element `j` of weight `k`.
+    fn weight_fd(
+        w: &[(String, Vec<f64>)],
+        k: usize,
+        j: usize,
+        h: f64,
+        f: impl Fn(&[(String, Vec<f64>)]) -> f64,
+    ) -> f64 {
+        let at = |sign: f64| {
+            let mut w2 = w.to_vec();
+            w2[k].1[j] += sign * h;
+            f(&w2)
+        };
+        (at(1.0) - at(-1.0)) / (2.0 * h)
+    }
+
     fn embed(g: &Graph, w: &[(String, Vec<f64>)]) -> Graph {
         let mut g = g.clone();
         for (n, v) in w {
@@ -585,14 +601,7 @@ mod tests {
         // One element of every weight (a new session per perturbation: weights are initializers).
         for (k, (name, v)) in w.iter().enumerate() {
             let j = (rng.uniform(0.0, v.len() as f64)) as usize;
-            let mut f = [0.0; 2];
-            for (side, sign) in [1.0, -1.0].iter().enumerate() {
-                let mut w2 = w.clone();
-                w2[k].1[j] = v[j] + sign * h;
-                let mut s2 = session(&embed(&g, &w2));
-                f[side] = total(&mut s2, &px);
-            }
-            let fd = (f[0] - f[1]) / (2.0 * h);
+            let fd = weight_fd(&w, k, j, h, |w2| total(&mut session(&embed(&g, w2)), &px));
             let an = o[2 + k][j];
             assert!(close(an, fd, 1e-6), "grad.{name}[{j}]: {an} vs finite difference {fd}");
         }
@@ -693,13 +702,7 @@ mod tests {
         let mut nonzero = 0;
         for (k, (name, v)) in w.iter().enumerate() {
             let j = (rng.uniform(0.0, v.len() as f64)) as usize;
-            let mut f = [0.0; 2];
-            for (side, sign) in [1.0, -1.0].iter().enumerate() {
-                let mut w2 = w.clone();
-                w2[k].1[j] = v[j] + sign * h;
-                f[side] = objective(&mut session(&embed(&g, &w2)));
-            }
-            let fd = (f[0] - f[1]) / (2.0 * h);
+            let fd = weight_fd(&w, k, j, h, |w2| objective(&mut session(&embed(&g, w2))));
             let an = o[2 + k][j];
             assert!(close(an, fd, 1e-6), "grad.{name}[{j}]: {an} vs finite difference {fd}");
             nonzero += usize::from(fd.abs() > 1e-6);
