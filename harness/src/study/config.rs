@@ -14,25 +14,12 @@ use toml::Spanned;
 
 use super::setting::SettingKey;
 
-/// The merging methods of METHODS.md (a `+surgery` suffix is accepted on each).
-pub const KNOWN_METHODS: &[&str] = &[
-    "weight-average",
-    "task-arithmetic",
-    "ties",
-    "dare",
-    "breadcrumbs",
-    "consensus",
-    "tall-masks",
-    "emr",
-    "model-stock",
-    "slerp",
-    "tsv-m",
-    "iso-c",
-    "iso-cts",
-    "fisher",
-    "regmean",
-    "adamerging",
-];
+/// The merging methods of METHODS.md: the core registry's, then the data-dependent ones
+/// `merging` dispatches (a `+surgery` suffix is accepted on each).
+pub fn known_methods() -> Vec<&'static str> {
+    let data_free = mergeattack_core::merge::registry().iter().map(|m| m.name());
+    data_free.chain(crate::merging::DATA_METHODS.iter().copied()).collect()
+}
 
 /// The attacks of METHODS.md.
 pub const KNOWN_ATTACKS: &[&str] = &[
@@ -722,14 +709,15 @@ impl Validator<'_> {
             let m = m.get_ref();
             let name = m.name.get_ref().trim().to_ascii_lowercase().replace('_', "-");
             let base = name.strip_suffix("+surgery").unwrap_or(&name);
-            if !KNOWN_METHODS.contains(&base) {
+            let known = known_methods();
+            if !known.contains(&base) {
                 return self.err(
                     m.name.span(),
                     format!("methods[{i}].name"),
                     format!(
                         "unknown merge method `{}` (known: {}; any may end in +surgery)",
                         m.name.get_ref(),
-                        KNOWN_METHODS.join(", ")
+                        known.join(", ")
                     ),
                 );
             }
