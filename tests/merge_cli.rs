@@ -165,6 +165,27 @@ fn flag_and_yaml_forms_give_identical_tensors_and_the_right_values() {
     assert_eq!(c.dtype("vision_model.embeddings.position_ids"), Some(Dtype::I64));
 }
 
+/// Tensor-parallel merging changes nothing: the same output bytes on 1 and 3 threads, for
+/// tensorwise methods (merged per tensor on threads) and a global one (one call whatever --threads).
+#[test]
+fn thread_count_does_not_change_the_output() {
+    let f = Fixture::new(3);
+    for (method, extra) in [("tsv-m", &[][..]), ("consensus", &[][..]), ("ties", &["--set", "scope=tensor"][..])] {
+        let files: Vec<Vec<u8>> = ["1", "3"]
+            .iter()
+            .map(|th| {
+                let out = f.path(&format!("{method}-{th}.safetensors"));
+                let mut args = f.merge_args(method, &f.models, &out, extra);
+                args.extend(["--threads".to_string(), th.to_string()]);
+                let (code, _, stderr) = run_cli(args);
+                assert_eq!(code, 0, "{method} --threads {th}: {stderr}");
+                std::fs::read(&out).unwrap()
+            })
+            .collect();
+        assert!(files[0] == files[1], "{method}: --threads 1 and 3 wrote different files");
+    }
+}
+
 #[test]
 fn per_task_methods_write_one_file_per_task() {
     let f = Fixture::new(3);

@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mergeattack_core::merge::{
-    self, COMMON_PARAMS, MergeError, MergeInput, MergeOutput, ParamSpec, Params, adamerging, fisher, regmean, surgery,
+    self, COMMON_PARAMS, MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, adamerging, fisher,
+    regmean, surgery,
 };
 use mergeattack_core::rng;
 use mergeattack_core::tensor::ParamSet;
@@ -240,7 +241,7 @@ pub fn merge<'p>(pool: &'p Pool<'_>, req: &Request<'_>) -> Result<Merged<'p>, Me
             let (own, surg) = split_params(method.name(), method.params(), with_surgery, req.params)?;
             merge::validate_params(method, &own)?;
             let input = merge_input(pool, req.seed);
-            (method.name(), method.merge(&input, &own)?, surg)
+            (method.name(), merge_data_free(method, &input, &own, req.options.threads, None)?, surg)
         }
     };
     let mut merged = Merged {
@@ -256,6 +257,77 @@ pub fn merge<'p>(pool: &'p Pool<'_>, req: &Request<'_>) -> Result<Merged<'p>, Me
     }
     merged.seconds = start.elapsed().as_secs_f64();
     Ok(merged)
+}
+
+/// Run a data-free method. When the method is tensorwise for these parameters
+/// ([`MergeMethod::tensorwise`]) and `threads` > 1, the tensors are merged one at a time on
+/// `threads` threads (largest first, each thread taking the next one left), which gives bitwise
+/// the same tensors as one call over all of them; the first error in tensor order is returned.
+/// `bar`, if given, counts the tensors merged.
+pub fn merge_data_free<'s>(
+    method: &'static dyn MergeMethod,
+    input: &MergeInput<'s, '_>,
+    params: &Params,
+    threads: usize,
+    bar: Option<&ProgressBar>,
+) -> Result<MergeOutput<'s>, MergeError> {
+    let n = input.names.len();
+    if threads <= 1 || n < 2 || method.per_task() || !method.tensorwise(params) {
+        return method.merge(input, params);
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(input.base(&input.names[i]).len()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    if let Some(b) = bar {
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {msg}: {pos}/{len} tensors, {elapsed_precise}, ETA {eta}")
+                .expect("template"),
+        );
+        b.set_length(n as u64);
+        b.set_position(0);
+    }
+    let mut parts: Vec<(usize, Result<ParamSet<'static>, MergeError>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = order.get(j) else { break };
+                        let one = MergeInput { names: std::slice::from_ref(&input.names[i]), ..*input };
+                        let r = method.merge(&one, params).and_then(|out| {
+                            out.single().ok_or_else(|| MergeError::Numerical {
+                                method: method.name(),
+                                detail: "a tensorwise method returned per-task output".into(),
+                            })
+                        });
+                        let failed = r.is_err();
+                        done.push((i, r));
+                        if let Some(b) = bar {
+                            b.inc(1);
+                        }
+                        if failed {
+                            break;
+                        }
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("merge worker")).collect()
+    });
+    parts.sort_by_key(|(i, _)| *i);
+    let mut out = ParamSet::new();
+    for (i, part) in parts {
+        let mut part = part?;
+        let name = &input.names[i];
+        let t = part.remove(name).ok_or_else(|| MergeError::Numerical {
+            method: method.name(),
+            detail: format!("it returned no tensor `{name}`"),
+        })?;
+        out.insert(name.clone(), t);
+    }
+    Ok(MergeOutput::Single(out))
 }
 
 fn merge_input<'s, 'a>(pool: &'s Pool<'a>, seed: u64) -> MergeInput<'s, 'a> {

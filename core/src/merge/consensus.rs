@@ -57,6 +57,9 @@ impl MergeMethod for Consensus {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         super::common::reject_weights(self.name(), input)?;

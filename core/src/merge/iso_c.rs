@@ -33,6 +33,9 @@ impl MergeMethod for IsoC {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         let out = svd_frame(self.name(), input, params, |taus| {
             let mut sum = taus[0].clone();

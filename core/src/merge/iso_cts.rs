@@ -83,6 +83,9 @@ impl MergeMethod for IsoCts {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         let fraction = unit(params, "common-fraction", 0.8)?;
         Ok(MergeOutput::Single(svd_frame(self.name(), input, params, |taus| iso_cts(taus, fraction))?))

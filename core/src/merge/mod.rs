@@ -293,6 +293,12 @@ pub trait MergeMethod: Sync {
     fn per_task(&self) -> bool {
         false
     }
+    /// True when each merged tensor depends only on the inputs' tensors of the same name (and the
+    /// seed), never on the other tensors: then disjoint subsets of `names` can be merged apart (on
+    /// parallel threads, say) with bitwise the same result. `params` are this method's own.
+    fn tensorwise(&self, _params: &Params) -> bool {
+        false
+    }
     /// Merge. `params` holds only this method's own keys (validated by [`validate_params`]).
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError>;
 }
@@ -520,6 +526,76 @@ mod tests {
                 assert!(values(&a, n).iter().all(|x| x.is_finite()), "{} {n}", method.name());
             }
         }
+    }
+
+    /// A method that declares itself tensorwise gives bitwise the same tensors when each tensor is
+    /// merged on its own; the fixture is sensitive enough that a method with a global statistic
+    /// (EMR's per-task scales, TIES' global trim) does change when split.
+    #[test]
+    fn tensorwise_methods_merge_each_tensor_alone_identically() {
+        use rand::RngExt;
+        use testutil::*;
+        let shapes: [(&str, &[usize]); 4] = [("a.w", &[6, 4]), ("b.w", &[4, 4]), ("c.b", &[5]), ("d.w", &[3, 7])];
+        let mut r = crate::rng::stream(11, &[b"tensorwise-test"]);
+        let mut make = |scale: f32, base: Option<&ParamSet<'static>>| {
+            let mut p = ParamSet::new();
+            for (i, (name, shape)) in shapes.iter().enumerate() {
+                let n: usize = shape.iter().product();
+                // Tensors of very different magnitudes, so that global statistics differ per tensor.
+                let s = scale * [1.0, 0.1, 3.0, 0.02][i];
+                let v: Vec<f32> = (0..n)
+                    .map(|j| {
+                        let b = base.map_or(0.0, |b| b.get(name).unwrap().as_slice().unwrap()[j]);
+                        b + s * (r.random::<f32>() - 0.5)
+                    })
+                    .collect();
+                p.insert_owned(*name, ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap());
+            }
+            p
+        };
+        let base = make(1.0, None);
+        let models: Vec<ParamSet<'static>> = (0..3).map(|_| make(0.2, Some(&base))).collect();
+        let names = names(&base);
+        let variants: &[(&str, &[(&str, &str)])] = &[
+            ("ties", &[("scope", "tensor")]),
+            ("ties", &[("scope", "tensor"), ("aggregate", "dis-mean")]),
+            ("dare", &[("p", "0.3")]),
+            ("dare", &[("p", "0.3"), ("rescale", "l1")]),
+            ("dare", &[("p", "0.3"), ("base", "ties"), ("scope", "tensor")]),
+        ];
+        let defaults: Vec<(&str, &[(&str, &str)])> = registry().iter().map(|m| (m.name(), &[][..])).collect();
+        let mut split_changed = Vec::new();
+        for (name, kv) in defaults.iter().chain(variants) {
+            let method = lookup(name).unwrap();
+            let mut p = Params::new();
+            for (k, v) in kv.iter() {
+                p.set(*k, *v);
+            }
+            if validate_params(method, &p).is_err() {
+                continue; // a variant this method does not offer
+            }
+            let models = if method.name() == "slerp" { &models[..2] } else { &models[..] };
+            let input = MergeInput { base: &base, models, model_weights: None, names: &names, seed: 9 };
+            let task = |out: MergeOutput<'_>| match out {
+                MergeOutput::Single(s) => s,
+                MergeOutput::PerTask(t) => t.task(0),
+            };
+            let whole = task(method.merge(&input, &p).unwrap());
+            let mut differs = false;
+            for n in &names {
+                let one = core::slice::from_ref(n);
+                let part = task(method.merge(&MergeInput { names: one, ..input }, &p).unwrap());
+                let (w, s) = (values(&whole, n), values(&part, n));
+                let same = w.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same || !method.tensorwise(&p), "{name} {kv:?}: tensor {n} differs when merged alone");
+                differs |= !same;
+            }
+            if differs {
+                split_changed.push(method.name());
+            }
+        }
+        // The fixture does detect cross-tensor statistics.
+        assert!(split_changed.contains(&"emr") && split_changed.contains(&"ties"), "{split_changed:?}");
     }
 
     #[test]

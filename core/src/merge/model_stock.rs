@@ -59,6 +59,9 @@ impl MergeMethod for ModelStock {
     fn params(&self) -> &'static [ParamSpec] {
         &[]
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, _params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 2, "at least 2 fine-tuned models")?;
         super::common::reject_weights(self.name(), input)?;

@@ -45,6 +45,9 @@ impl MergeMethod for Slerp {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         if input.tasks() != 2 {
             return Err(MergeError::ModelCount {

@@ -62,6 +62,9 @@ impl MergeMethod for TsvM {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         Ok(MergeOutput::Single(svd_frame(self.name(), input, params, tsv)?))
     }

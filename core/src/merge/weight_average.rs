@@ -20,6 +20,9 @@ impl MergeMethod for WeightAverage {
     fn params(&self) -> &'static [ParamSpec] {
         &[]
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, _params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let w = normalised_weights(input)?;

@@ -85,7 +85,8 @@ pub struct DataMergeArgs {
     /// Images loaded per task and split: a seeded subset, in data-set order.
     #[arg(long, default_value_t = 1000)]
     pub images: usize,
-    /// Intra-op threads of the model runs (results do not depend on it).
+    /// Threads: intra-op threads of the model runs; tensors merged in parallel by the methods that
+    /// merge each tensor on its own (results do not depend on it).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Images per model run.
@@ -190,9 +191,15 @@ fn seed_param(params: &Params) -> Result<u64, MergeError> {
     }
 }
 
-/// Run a merge from files to files. Nothing is written unless every check passes and the merge
-/// succeeds; outputs are written to temporary files and renamed at the end.
+/// Run a merge from files to files on one thread. Nothing is written unless every check passes
+/// and the merge succeeds; outputs are written to temporary files and renamed at the end.
 pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmdError> {
+    merge_files_threads(spec, out, 1)
+}
+
+/// [`merge_files`] on `threads` threads: tensorwise methods merge their tensors in parallel, with
+/// bitwise the same result whatever the thread count.
+pub fn merge_files_threads(spec: &MergeSpec, out: &Path, threads: usize) -> Result<MergeReport, MergeCmdError> {
     let start = Instant::now();
     let method = lookup(&spec.method)?;
     validate_params(method, &spec.params)?;
@@ -256,7 +263,7 @@ pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmd
         seed,
     };
     let bar = spinner(format!("merging with {}", method.name()));
-    let output = method.merge(&input, &method_params)?;
+    let output = crate::merging::merge_data_free(method, &input, &method_params, threads, Some(&bar))?;
 
     let mut params: Vec<(String, String)> = method
         .params()
@@ -680,7 +687,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         if !args.data.data.is_empty() {
             tracing::warn!("merge method `{}` uses no images: --data is ignored", spec.method);
         }
-        merge_files(&spec, &args.output)?
+        merge_files_threads(&spec, &args.output, args.data.threads)?
     };
     print_summary(&r);
     Ok(())
