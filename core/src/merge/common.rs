@@ -122,11 +122,21 @@ impl<'s> Base<'s> {
 pub(crate) trait TaskVectors {
     /// Write tau_t of tensor `k`, entries `[off, off + out.len())`, into `out`.
     fn fill(&self, t: usize, k: usize, off: usize, out: &mut [f32]);
+
+    /// True when this source is the plain task vectors of the `Flat` the kernels are given
+    /// (tau_t = theta_t - theta0, nothing dropped or scaled): the kernels then read the models and
+    /// the base directly instead of filling buffers.
+    fn plain(&self) -> bool {
+        false
+    }
 }
 
 impl TaskVectors for Flat<'_> {
     fn fill(&self, t: usize, k: usize, off: usize, out: &mut [f32]) {
         self.tau(t, k, off, out)
+    }
+    fn plain(&self) -> bool {
+        true
     }
 }
 
@@ -192,25 +202,110 @@ pub(crate) fn reject_weights(method: &'static str, input: &MergeInput<'_, '_>) -
     }
 }
 
+/// Lanes of the register-blocked kernels: each block of `LANES` entries is carried through every
+/// task in registers (the compiler keeps `[f32; LANES]` in vector registers).
+const LANES: usize = 16;
+
+/// Per task, the slices the kernels read at one chunk: the model entries themselves (plain task
+/// vectors, `sub` = the base) or tau_t filled by the source into `bufs` (`sub` = zeros), so that
+/// tau = m - sub is exact in both cases (x - 0 = x, also for -0).
+struct ChunkRows<'a> {
+    rows: Vec<&'a [f32]>,
+    sub: &'a [f32],
+}
+
+/// Scratch for [`chunk_rows`]: per-task fill buffers and a zero row.
+struct RowScratch {
+    bufs: Vec<f32>,
+    zeros: Vec<f32>,
+}
+
+impl RowScratch {
+    /// `direct`: every chunk comes straight from the `Flat` (no buffers needed).
+    fn new(tasks: usize, direct: bool) -> Self {
+        if direct {
+            RowScratch { bufs: Vec::new(), zeros: Vec::new() }
+        } else {
+            RowScratch { bufs: vec![0.0; tasks * CHUNK], zeros: vec![0.0; CHUNK] }
+        }
+    }
+}
+
+/// The rows of tensor `k`, entries `[off, off + len)`: straight from `flat` when `src` is the plain
+/// task vectors and nothing is applied to them, else filled by `src` (and trimmed by `pre`).
+#[allow(clippy::too_many_arguments)]
+fn chunk_rows<'a>(
+    flat: &'a Flat<'_>,
+    src: &dyn TaskVectors,
+    scratch: &'a mut RowScratch,
+    k: usize,
+    off: usize,
+    len: usize,
+    pre: Option<&Trim>,
+) -> ChunkRows<'a> {
+    if src.plain() && pre.is_none() {
+        ChunkRows {
+            rows: flat.models.iter().map(|m| &m[k][off..off + len]).collect(),
+            sub: &flat.base[k][off..off + len],
+        }
+    } else {
+        for (t, b) in scratch.bufs.chunks_exact_mut(CHUNK).enumerate() {
+            src.fill(t, k, off, &mut b[..len]);
+            if let Some(trim) = pre {
+                trim.apply(t, k, off, &mut b[..len]);
+            }
+        }
+        ChunkRows { rows: scratch.bufs.chunks_exact(CHUNK).map(|b| &b[..len]).collect(), sub: &scratch.zeros[..len] }
+    }
+}
+
+/// `out[i] = add[i] + sum_t w_t * (rows[t][i] - sub[i])` for one chunk, with the f32 operations of
+/// every entry in the order of the reference (acc = 0, acc += w_t * tau_t in task order, acc + add),
+/// so the result does not depend on the blocking. Blocks of [`LANES`] entries stay in registers
+/// through every task: each input entry is loaded once and nothing is stored but the output.
+fn weighted_chunk(rows: &[&[f32]], w: &[f32], sub: &[f32], add: &[f32], out: &mut [f32]) {
+    let len = out.len();
+    let full = len / LANES * LANES;
+    for j in (0..full).step_by(LANES) {
+        let s: &[f32; LANES] = sub[j..j + LANES].try_into().expect("block");
+        let mut a = [0.0f32; LANES];
+        for (m, &w) in rows.iter().zip(w) {
+            let m: &[f32; LANES] = m[j..j + LANES].try_into().expect("block");
+            for l in 0..LANES {
+                a[l] += w * (m[l] - s[l]);
+            }
+        }
+        let d: &[f32; LANES] = add[j..j + LANES].try_into().expect("block");
+        for (o, (&a, &d)) in out[j..j + LANES].iter_mut().zip(a.iter().zip(d)) {
+            *o = a + d;
+        }
+    }
+    for j in full..len {
+        let mut a = 0.0f32;
+        for (m, &w) in rows.iter().zip(w) {
+            a += w * (m[j] - sub[j]);
+        }
+        out[j] = a + add[j];
+    }
+}
+
 /// theta0 + sum_t coef_t * tau_t, with tau_t from `src`.
+///
+/// Each output entry is written once (no zero fill first): chunks are computed into a small
+/// buffer and appended to an output reserved at full size.
 pub(crate) fn weighted_sum(flat: &Flat<'_>, src: &dyn TaskVectors, coef: &[f32]) -> ParamSet<'static> {
-    let mut buf = vec![0.0f32; CHUNK];
+    let mut scratch = RowScratch::new(flat.tasks(), src.plain());
+    let mut tmp = vec![0.0f32; CHUNK];
     let mut values = Vec::with_capacity(flat.names.len());
     for k in 0..flat.names.len() {
         let n = flat.len(k);
-        let mut out = vec![0.0f32; n];
-        for (c, acc) in out.chunks_mut(CHUNK).enumerate() {
-            let off = c * CHUNK;
-            let buf = &mut buf[..acc.len()];
-            for (t, &w) in coef.iter().enumerate() {
-                src.fill(t, k, off, buf);
-                for (a, &x) in acc.iter_mut().zip(buf.iter()) {
-                    *a += w * x;
-                }
-            }
-            for (a, &b) in acc.iter_mut().zip(&flat.base[k][off..off + buf.len()]) {
-                *a += b;
-            }
+        let mut out = Vec::with_capacity(n);
+        for off in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - off);
+            let rows = chunk_rows(flat, src, &mut scratch, k, off, len, None);
+            let tmp = &mut tmp[..len];
+            weighted_chunk(&rows.rows, coef, rows.sub, &flat.base[k][off..off + len], tmp);
+            out.extend_from_slice(tmp);
         }
         values.push(out);
     }
@@ -463,13 +558,150 @@ fn merged_entry(base: f32, xs: &[f32], e: f32, opt: &TiesOptions) -> f32 {
     }
 }
 
-/// One chunked pass: fill, trim, elect signs, disjoint merge; entries that `mode`'s bands leave
+/// Per task, how the merge pass trims: entries whose abs bit pattern is below `lo` become 0; the
+/// nonzero ones in `[lo, lo + width)` leave their entry undecided (deferred). Bit patterns of
+/// abs values and of non-negative thresholds are below 2^31, so they compare as i32.
+#[derive(Clone, Copy)]
+struct Cut {
+    lo: i32,
+    width: i32,
+}
+
+/// Bits of the per-entry flags of [`ties_block`].
+const DEFERRED: u32 = 1;
+const UNDECIDED: u32 = 2;
+
+/// Trim one value by its task's cut.
+#[inline(always)]
+fn cut(x: f32, c: Cut) -> f32 {
+    if (x.abs().to_bits() as i32) < c.lo { 0.0 } else { x }
+}
+
+/// TIES on the `W` entries at `j` of one chunk, carried through every task in registers: trim,
+/// sum and abs sum, elected sign, disjoint merge (tau recomputed from the rows, still in L1),
+/// `out = base + lambda * merged`. Per entry the f32 operations are those of [`merged_entry`] and
+/// of the sign election, in task order, whatever `W`. `flags[l]`: [`DEFERRED`] when a value lies
+/// in its task's band (its sign is not elected here, its output is provisional), [`UNDECIDED`]
+/// for a zero trimmed sum with nonzero values when `zero_sign` is 0. Returns the sum of the
+/// elected signs of the decided entries.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn ties_block<const W: usize, const MEAN: bool>(
+    rows: &[&[f32]],
+    j: usize,
+    sub: &[f32],
+    base: &[f32],
+    cuts: &[Cut],
+    zero_sign: f32,
+    lambda: f32,
+    out: &mut [f32],
+    flags: &mut [u32],
+) -> i32 {
+    let s: &[f32; W] = sub[j..j + W].try_into().expect("block");
+    let mut sum = [0.0f32; W];
+    let mut asum = [0.0f32; W];
+    let mut flag = [0u32; W];
+    for (m, &c) in rows.iter().zip(cuts) {
+        let m: &[f32; W] = m[j..j + W].try_into().expect("block");
+        for l in 0..W {
+            let x = m[l] - s[l];
+            let bits = x.abs().to_bits() as i32;
+            let d = bits - c.lo;
+            flag[l] |= u32::from(d >= 0 && d < c.width && bits != 0);
+            let x = if bits < c.lo { 0.0 } else { x };
+            sum[l] += x;
+            asum[l] += x.abs();
+        }
+    }
+    let mut e = [0.0f32; W];
+    let mut total = 0i32;
+    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
+    for l in 0..W {
+        let open = flag[l] == 0;
+        let (gt, lt) = (sum[l] > 0.0, sum[l] < 0.0);
+        let p = gt && open;
+        let q = lt && open;
+        let z = !gt && !lt && open;
+        total += i32::from(p) - i32::from(q);
+        e[l] = if p {
+            1.0
+        } else if q {
+            -1.0
+        } else if z {
+            zero_sign
+        } else {
+            0.0
+        };
+        flags[j + l] = flag[l] | if z && asum[l] > 0.0 { undecided_bit } else { 0 };
+    }
+    let mut acc = [0.0f32; W];
+    let mut cnt = [0.0f32; W];
+    for (m, &c) in rows.iter().zip(cuts) {
+        let m: &[f32; W] = m[j..j + W].try_into().expect("block");
+        for l in 0..W {
+            let x = cut(m[l] - s[l], c);
+            let keep = x * e[l] > 0.0;
+            acc[l] += if keep { x } else { 0.0 };
+            if MEAN {
+                cnt[l] += if keep { 1.0 } else { 0.0 };
+            }
+        }
+    }
+    let b: &[f32; W] = base[j..j + W].try_into().expect("block");
+    for l in 0..W {
+        out[j + l] = if MEAN { b[l] + lambda * (acc[l] / cnt[l].max(1.0)) } else { b[l] + lambda * acc[l] };
+    }
+    total
+}
+
+/// [`ties_block`] over one chunk: blocks of [`LANES`], then one entry at a time.
+#[allow(clippy::too_many_arguments)]
+fn ties_chunk<const MEAN: bool>(
+    rows: &[&[f32]],
+    sub: &[f32],
+    base: &[f32],
+    cuts: &[Cut],
+    zero_sign: f32,
+    lambda: f32,
+    out: &mut [f32],
+    flags: &mut [u32],
+) -> i32 {
+    let len = out.len();
+    let full = len / LANES * LANES;
+    let mut total = 0;
+    for j in (0..full).step_by(LANES) {
+        total += ties_block::<LANES, MEAN>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags);
+    }
+    for j in full..len {
+        total += ties_block::<1, MEAN>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags);
+    }
+    total
+}
+
+/// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s bands leave
 /// undecided are written provisionally and listed in `deferred`.
 fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: Mode<'_>) -> PassOut {
     let tasks = flat.tasks();
-    let mut bufs = vec![0.0f32; tasks * CHUNK];
-    let mut scratch = vec![0.0f32; 4 * CHUNK];
+    // Tensor scope trims by per-entry keys: those rows are filled and trimmed first.
+    let pre = match mode {
+        Mode::Exact(trim @ Trim::Tensor(_)) => Some(trim),
+        _ => None,
+    };
+    let cuts: Vec<Cut> = match mode {
+        Mode::Exact(Trim::Global(thr)) => {
+            thr.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect()
+        }
+        Mode::Exact(Trim::Tensor(_)) => vec![Cut { lo: 0, width: 0 }; tasks],
+        Mode::Bands(bands) => bands
+            .iter()
+            .map(|b| {
+                if b.hi > b.lo { Cut { lo: b.lo as i32, width: (b.hi - b.lo) as i32 } } else { Cut { lo: 0, width: 0 } }
+            })
+            .collect(),
+    };
+    let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none());
     let mut flags = vec![0u32; CHUNK];
+    let mut tmp = vec![0.0f32; CHUNK];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     let mut deferred = Deferred { at: Vec::new(), values: Vec::new() };
@@ -478,111 +710,31 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
     for kk in 0..flat.names.len() {
         let n = flat.len(kk);
-        let mut out = vec![0.0f32; n];
-        for (c, o) in out.chunks_mut(CHUNK).enumerate() {
-            let off = c * CHUNK;
-            let len = o.len();
+        let mut out = Vec::with_capacity(n);
+        for off in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - off);
             let base = &flat.base[kk][off..off + len];
-            // Branch-free loops over entries (t outer, entries inner) so that they vectorise.
-            let (sum, rest) = scratch.split_at_mut(CHUNK);
-            let (asum, rest) = rest.split_at_mut(CHUNK);
-            let (acc, cnt) = rest.split_at_mut(CHUNK);
-            let (sum, asum, acc, cnt) = (&mut sum[..len], &mut asum[..len], &mut acc[..len], &mut cnt[..len]);
-            let flags = &mut flags[..len];
-            sum.fill(0.0);
-            asum.fill(0.0);
-            flags.fill(0);
-            let mut any_flag = false;
-            // Fill, trim and sum each task while its chunk is in L1.
-            for t in 0..tasks {
-                let b = &mut bufs[t * CHUNK..t * CHUNK + len];
-                src.fill(t, kk, off, b);
-                match mode {
-                    Mode::Exact(trim) => trim.apply(t, kk, off, b),
-                    Mode::Bands(bands) => {
-                        let Band { lo, hi, .. } = bands[t];
-                        if hi > lo {
-                            let width = hi - lo;
-                            let mut hit = 0u32;
-                            for (x, f) in b.iter_mut().zip(flags.iter_mut()) {
-                                let bits = x.abs().to_bits();
-                                let u = u32::from(bits.wrapping_sub(lo) < width && bits != 0);
-                                *f |= u;
-                                hit |= u;
-                                *x = if bits < lo { 0.0 } else { *x };
-                            }
-                            any_flag |= hit != 0;
-                        }
-                    }
-                }
-                for ((s, a), &x) in sum.iter_mut().zip(asum.iter_mut()).zip(b.iter()) {
-                    *s += x;
-                    *a += x.abs();
-                }
-            }
-            // The elected sign: +1, -1, or for a zero sum `zero_sign` (+1 in tensor scope, 0 =
-            // undecided in global scope); deferred entries get 0 here and are counted when they
-            // are settled.
-            let mut total = 0i32;
-            let mut zero_seen = 0u32;
-            for ((s, &a), &f) in sum.iter_mut().zip(asum.iter()).zip(flags.iter()) {
-                let open = f == 0;
-                let (gt, lt) = (*s > 0.0, *s < 0.0);
-                let p = gt && open;
-                let q = lt && open;
-                let z = !gt && !lt && open;
-                total += i32::from(p) - i32::from(q);
-                zero_seen |= u32::from(z && a > 0.0);
-                *s = if p {
-                    1.0
-                } else if q {
-                    -1.0
-                } else if z {
-                    zero_sign
-                } else {
-                    0.0
-                };
-            }
-            sign_total += i64::from(total);
-            if zero_seen != 0 && zero_sign == 0.0 {
-                for (i, ((&e, &a), &f)) in sum.iter().zip(asum.iter()).zip(flags.iter()).enumerate() {
-                    if e == 0.0 && a > 0.0 && f == 0 {
-                        undecided.push((kk, off + i));
-                    }
-                }
-            }
-            acc.fill(0.0);
-            match opt.aggregate {
+            let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
+            let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
+            let total = match opt.aggregate {
                 Aggregate::Sum => {
-                    for t in 0..tasks {
-                        let b = &bufs[t * CHUNK..t * CHUNK + len];
-                        for ((a, &x), &e) in acc.iter_mut().zip(b).zip(sum.iter()) {
-                            *a += if x * e > 0.0 { x } else { 0.0 };
-                        }
-                    }
-                    for ((o, &b), &a) in o.iter_mut().zip(base).zip(acc.iter()) {
-                        *o = b + opt.lambda * a;
-                    }
+                    ties_chunk::<false>(&rows.rows, rows.sub, base, &cuts, zero_sign, opt.lambda, o, flags)
                 }
                 Aggregate::Mean => {
-                    cnt.fill(0.0);
-                    for t in 0..tasks {
-                        let b = &bufs[t * CHUNK..t * CHUNK + len];
-                        for (((a, c), &x), &e) in acc.iter_mut().zip(cnt.iter_mut()).zip(b).zip(sum.iter()) {
-                            let keep = x * e > 0.0;
-                            *a += if keep { x } else { 0.0 };
-                            *c += if keep { 1.0 } else { 0.0 };
-                        }
-                    }
-                    for (((o, &b), &a), &c) in o.iter_mut().zip(base).zip(acc.iter()).zip(cnt.iter()) {
-                        *o = b + opt.lambda * (a / c.max(1.0));
-                    }
+                    ties_chunk::<true>(&rows.rows, rows.sub, base, &cuts, zero_sign, opt.lambda, o, flags)
                 }
-            }
-            if any_flag {
-                for (i, _) in flags.iter().enumerate().filter(|(_, f)| **f != 0) {
-                    deferred.at.push((kk as u32, (off + i) as u32));
-                    deferred.values.extend((0..tasks).map(|t| bufs[t * CHUNK + i]));
+            };
+            sign_total += i64::from(total);
+            out.extend_from_slice(o);
+            if flags.iter().any(|&f| f != 0) {
+                for (i, &f) in flags.iter().enumerate() {
+                    if f & UNDECIDED != 0 {
+                        undecided.push((kk, off + i));
+                    }
+                    if f & DEFERRED != 0 {
+                        deferred.at.push((kk as u32, (off + i) as u32));
+                        deferred.values.extend(rows.rows.iter().zip(&cuts).map(|(m, &c)| cut(m[i] - rows.sub[i], c)));
+                    }
                 }
             }
         }
