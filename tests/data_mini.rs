@@ -83,3 +83,40 @@ fn corrupt_cache_file_asks_to_run_setup() {
     assert!(msg.contains("digits.csv.gz"), "{msg}");
     assert!(msg.contains("run `mergeattack setup`"), "{msg}");
 }
+
+/// The colour-domain variants: the base task's splits and labels, each grey pixel mapped to
+/// `background + (foreground - background) * g / 255` (checked in f64 against the stored bytes).
+#[test]
+fn colour_variants_are_their_base_tasks_recoloured() {
+    assert_eq!((mini::colour_value(0, 20, 250), mini::colour_value(255, 20, 250)), (20, 250));
+    for &(name, base, bg, fg) in &mini::COLOUR_VARIANTS {
+        assert!(mini::TASKS.iter().any(|t| t.name == name), "{name} is not listed");
+        let (v, b) = (mini::load(&root(), name).unwrap(), mini::load(&root(), base).unwrap());
+        assert_eq!(v.name, name);
+        assert_eq!((&v.train_idx, &v.val_idx, &v.test_idx), (&b.train_idx, &b.val_idx, &b.test_idx), "{name}");
+        for split in [Split::Train, Split::Val, Split::Test] {
+            let (dv, db) = (v.get(split), b.get(split));
+            assert_eq!(dv.labels(), db.labels(), "{name} {split}");
+            assert_eq!(dv.class_names(), db.class_names(), "{name} {split}");
+            let (
+                mergeattack_harness::data::Images::U8 { channels: 3, data: cv, .. },
+                mergeattack_harness::data::Images::U8 { channels: 1, data: gv, .. },
+            ) = (dv.images(), db.images())
+            else {
+                panic!("{name}: expected 3-channel colour and 1-channel grey u8 images");
+            };
+            assert_eq!(cv.len(), 3 * gv.len(), "{name} {split}");
+            for (px, &g) in cv.chunks_exact(3).zip(gv.iter()) {
+                for c in 0..3 {
+                    let want = f64::from(bg[c]) + (f64::from(fg[c]) - f64::from(bg[c])) * f64::from(g) / 255.0;
+                    assert!((f64::from(px[c]) - want).abs() <= 0.5 + 1e-9, "{name}: grey {g} -> {} vs {want}", px[c]);
+                }
+            }
+        }
+        // The colours differ between variants (distinct domains).
+        let batch = v.test.batch(0..1).unwrap();
+        assert_eq!(batch.images.shape(), &[1, 3, 32, 32]);
+    }
+    let pairs: std::collections::HashSet<_> = mini::COLOUR_VARIANTS.iter().map(|v| (v.2, v.3)).collect();
+    assert_eq!(pairs.len(), mini::COLOUR_VARIANTS.len());
+}

@@ -1,5 +1,6 @@
 //! The built-in mini suite (DATA.md): seven small real image sets from the registries, all 32x32
-//! (grey sets stored grey and replicated to RGB in batches), with fixed train / validation / test
+//! (grey sets stored grey and replicated to RGB in batches; plus colour-domain variants of four grey
+//! tasks, `COLOUR_VARIANTS`), with fixed train / validation / test
 //! splits drawn from seeded ChaCha streams (`mergeattack_core::rng::stream(SPLIT_SEED, ...)`).
 //!
 //! Validation is carved from train: min(1000, 15% of train), stratified by class. Test splits are
@@ -50,7 +51,67 @@ pub const TASKS: &[TaskInfo] = &[
         artifact: "textures",
         description: "brick/grass/gravel random 32px crops, top half train / bottom half test",
     },
+    TaskInfo { name: "digits-colour", artifact: "mnist", description: "digits, yellow on navy (colour domain)" },
+    TaskInfo {
+        name: "fashion-coarse-colour",
+        artifact: "fashion-mnist",
+        description: "fashion-coarse, maroon on beige (colour domain)",
+    },
+    TaskInfo {
+        name: "animals-colour",
+        artifact: "animals",
+        description: "animals, off-white on green (colour domain)",
+    },
+    TaskInfo {
+        name: "textures-colour",
+        artifact: "textures",
+        description: "textures, orange on dark brown (colour domain)",
+    },
 ];
+
+/// Colour-domain variants of the grey tasks (DATA.md's "colour domains"): the same images, splits
+/// and labels, each grey value g mapped to `background + (foreground - background) * g / 255` per
+/// channel, one colour pair per task, so that tasks are distinct visual domains as CLIP's test
+/// sets are (the grey tasks all look like white shapes on black). (variant, base, background,
+/// foreground).
+pub const COLOUR_VARIANTS: [(&str, &str, [u8; 3], [u8; 3]); 4] = [
+    ("digits-colour", "digits", [20, 30, 90], [250, 220, 60]),
+    ("fashion-coarse-colour", "fashion-coarse", [235, 225, 200], [120, 20, 40]),
+    ("animals-colour", "animals", [40, 110, 50], [240, 240, 230]),
+    ("textures-colour", "textures", [60, 30, 10], [255, 170, 90]),
+];
+
+/// One grey value coloured: `bg + (fg - bg) * g / 255`, rounded to nearest (exact integers).
+pub fn colour_value(g: u8, bg: u8, fg: u8) -> u8 {
+    let v = u32::from(bg) * 255 + u32::from(g) * u32::from(fg) - u32::from(g) * u32::from(bg);
+    ((v + 127) / 255) as u8
+}
+
+fn colour_split(d: &Dataset, name: String, bg: [u8; 3], fg: [u8; 3]) -> Result<Dataset, DataError> {
+    let Images::U8 { height, width, channels: 1, data } = d.images() else {
+        return Err(DataError::Spec { spec: name, detail: "a colour variant needs grey u8 images".into() });
+    };
+    let mut out = Vec::with_capacity(data.len() * 3);
+    for &g in data {
+        out.extend((0..3).map(|c| colour_value(g, bg[c], fg[c])));
+    }
+    let images = Images::U8 { height: *height, width: *width, channels: 3, data: out };
+    Dataset::new(name, images, d.labels().iter().map(|&l| i64::from(l)).collect(), d.class_names().to_vec())
+}
+
+fn load_colour(root: &Path, variant: &str) -> Result<MiniTask, DataError> {
+    let &(name, base, bg, fg) = COLOUR_VARIANTS.iter().find(|v| v.0 == variant).expect("a listed variant");
+    let t = load(root, base)?;
+    Ok(MiniTask {
+        name,
+        train: colour_split(&t.train, format!("mini:{name}:train"), bg, fg)?,
+        val: colour_split(&t.val, format!("mini:{name}:val"), bg, fg)?,
+        test: colour_split(&t.test, format!("mini:{name}:test"), bg, fg)?,
+        train_idx: t.train_idx,
+        val_idx: t.val_idx,
+        test_idx: t.test_idx,
+    })
+}
 
 pub const FASHION_CLASSES: [&str; 10] =
     ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
@@ -515,6 +576,7 @@ pub fn load(root: &Path, task: &str) -> Result<MiniTask, DataError> {
         "optdigits" => load_optdigits(root),
         "emoji" => load_emoji(root),
         "textures" => load_textures(root),
+        v if COLOUR_VARIANTS.iter().any(|c| c.0 == v) => load_colour(root, v),
         other => {
             Err(DataError::Spec { spec: format!("mini:{other}"), detail: format!("unknown mini-suite task `{other}`") })
         }

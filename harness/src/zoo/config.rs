@@ -2,8 +2,21 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The seven mini-suite tasks, in order.
-pub const ALL_TASKS: [&str; 7] = ["digits", "fashion", "fashion-coarse", "animals", "optdigits", "emoji", "textures"];
+/// The seven mini-suite tasks, in order, then the colour-domain variants of four grey ones
+/// (`data::mini::COLOUR_VARIANTS`).
+pub const ALL_TASKS: [&str; 11] = [
+    "digits",
+    "fashion",
+    "fashion-coarse",
+    "animals",
+    "optdigits",
+    "emoji",
+    "textures",
+    "digits-colour",
+    "fashion-coarse-colour",
+    "animals-colour",
+    "textures-colour",
+];
 
 /// The default zoo's fine-tuned tasks: the seven without emoji (the worst spoiler: every other
 /// task loses most when it is merged in), optdigits (a second, smaller digits task) and fashion

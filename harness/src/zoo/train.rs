@@ -70,7 +70,7 @@ pub fn load_tasks(root: &Path, cfg: &ZooConfig) -> Result<Vec<TaskData>> {
             val_labels,
             test,
             test_labels,
-            flip_ok: !matches!(name.as_str(), "digits" | "optdigits"),
+            flip_ok: !matches!(name.as_str(), "digits" | "optdigits" | "digits-colour"),
         });
     }
     Ok(out)
