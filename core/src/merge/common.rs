@@ -413,24 +413,34 @@ const BUCKET_SHIFT: u32 = 16;
 fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
     let tasks = flat.tasks();
     let mut hist = vec![0u32; 2 * tasks * BUCKETS];
-    let mut buf = vec![0.0f32; CHUNK];
+    let mut scratch = RowScratch::new(tasks, src.plain());
+    let bucket = |x: f32| x.abs().to_bits() >> BUCKET_SHIFT;
+    let mut idx = vec![0u32; CHUNK];
     for kk in 0..flat.names.len() {
         for off in (0..flat.len(kk)).step_by(CHUNK) {
             let len = CHUNK.min(flat.len(kk) - off);
-            for t in 0..tasks {
-                let b = &mut buf[..len];
-                src.fill(t, kk, off, b);
+            let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, None);
+            let s = rows.sub;
+            for (t, m) in rows.rows.iter().enumerate() {
                 let hist2 = &mut hist[2 * t * BUCKETS..2 * (t + 1) * BUCKETS];
                 // Even and odd entries count into two tables (summed at the end), so that runs of
                 // one bucket do not serialise on a single counter.
                 let (h0, h1) = hist2.split_at_mut(BUCKETS);
-                let mut pairs = b.chunks_exact(2);
-                for p in &mut pairs {
-                    h0[(p[0].abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
-                    h1[(p[1].abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
+                let h0 = &mut h0[..BUCKETS];
+                let h1 = &mut h1[..BUCKETS];
+                // The bucket indices first (a vectorised streaming loop), then the counts from L1:
+                // counting straight from the streamed rows stalls on the cache misses.
+                let idx = &mut idx[..len];
+                for ((i, &m), &s) in idx.iter_mut().zip(m.iter()).zip(s) {
+                    *i = bucket(m - s);
                 }
-                for x in pairs.remainder() {
-                    h0[(x.abs().to_bits() >> BUCKET_SHIFT) as usize] += 1;
+                let mut pairs = idx.chunks_exact(2);
+                for p in &mut pairs {
+                    h0[p[0] as usize] += 1;
+                    h1[p[1] as usize] += 1;
+                }
+                for &i in pairs.remainder() {
+                    h0[i as usize] += 1;
                 }
             }
         }
@@ -613,27 +623,29 @@ fn ties_block<const W: usize, const MEAN: bool>(
             asum[l] += x.abs();
         }
     }
+    // The election as branch-free 0/1 arithmetic (so that it vectorises): p, q, z are exclusive,
+    // so e = p - q + z * zero_sign is +1, -1, zero_sign or 0 exactly as the case analysis.
     let mut e = [0.0f32; W];
-    let mut total = 0i32;
-    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
+    let mut votes = [0.0f32; W];
+    let mut und = [0.0f32; W];
     for l in 0..W {
-        let open = flag[l] == 0;
-        let (gt, lt) = (sum[l] > 0.0, sum[l] < 0.0);
-        let p = gt && open;
-        let q = lt && open;
-        let z = !gt && !lt && open;
-        total += i32::from(p) - i32::from(q);
-        e[l] = if p {
-            1.0
-        } else if q {
-            -1.0
-        } else if z {
-            zero_sign
-        } else {
-            0.0
-        };
-        flags[j + l] = flag[l] | if z && asum[l] > 0.0 { undecided_bit } else { 0 };
+        let open = if flag[l] == 0 { 1.0f32 } else { 0.0 };
+        let gt = if sum[l] > 0.0 { 1.0f32 } else { 0.0 };
+        let lt = if sum[l] < 0.0 { 1.0f32 } else { 0.0 };
+        let p = gt * open;
+        let q = lt * open;
+        let z = (1.0 - gt - lt) * open;
+        votes[l] = p - q;
+        e[l] = (p - q) + z * zero_sign;
+        und[l] = if asum[l] > 0.0 { z } else { 0.0 };
     }
+    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
+    let fl: &mut [u32; W] = (&mut flags[j..j + W]).try_into().expect("block");
+    for l in 0..W {
+        fl[l] = flag[l] | if und[l] != 0.0 { undecided_bit } else { 0 };
+    }
+    // At most W votes of +-1: exact in f32.
+    let total = votes.iter().sum::<f32>() as i32;
     let mut acc = [0.0f32; W];
     let mut cnt = [0.0f32; W];
     for (m, &c) in rows.iter().zip(cuts) {
@@ -726,8 +738,8 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             };
             sign_total += i64::from(total);
             out.extend_from_slice(o);
-            if flags.iter().any(|&f| f != 0) {
-                for (i, &f) in flags.iter().enumerate() {
+            if flags.iter().fold(0, |a, &f| a | f) != 0 {
+                for (i, &f) in flags.iter().enumerate().filter(|(_, f)| **f != 0) {
                     if f & UNDECIDED != 0 {
                         undecided.push((kk, off + i));
                     }
