@@ -286,7 +286,26 @@ fn session_builder(opts: &RuntimeOptions) -> Result<ort::session::builder::Sessi
     b = b.with_memory_pattern(false).map_err(|e| RuntimeError::ort("turn off the memory pattern")(e.into()))?;
     disable_cpu_arena(&mut b)?;
     keep_freed_memory();
+    b = crate::graph::custom::register(b).map_err(RuntimeError::ort("register the fused backward kernels"))?;
+    b = diagnostics(b)?;
     Ok(b)
+}
+
+/// `MERGEATTACK_ORT_PROFILE=<prefix>` (a diagnostic for engine work): every session writes ONNX
+/// Runtime's profile (`<prefix>-sN_<date>.json`, kernel times) and its optimised graph
+/// (`<prefix>-sN.onnx`: which fusions applied), N counting the sessions of the process.
+fn diagnostics(
+    b: ort::session::builder::SessionBuilder,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    let Some(prefix) = std::env::var_os("MERGEATTACK_ORT_PROFILE") else {
+        return Ok(b);
+    };
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = format!("{}-s{k}", prefix.to_string_lossy());
+    let e = |e: ort::Error| RuntimeError::Ort { context: "turn on profiling".into(), detail: e.to_string() };
+    let b = b.with_profiling(&base).map_err(|x| e(x.into()))?;
+    b.with_optimized_model_path(format!("{base}.onnx")).map_err(|x| e(x.into()))
 }
 
 /// Without the arena every activation is a `malloc`; glibc serves blocks above its mmap threshold

@@ -717,7 +717,8 @@ mod tests {
         assert!(close(o1[1][1], h1[1], 1e-12));
         // The same in f32, the tool's type.
         let g32 = build_vision(&cfg, CLASSES, &outs, ElemType::F32).unwrap();
-        let mut b = ort::session::Session::builder(crate::graph::test_util::env()).unwrap();
+        let b = ort::session::Session::builder(crate::graph::test_util::env()).unwrap();
+        let mut b = crate::graph::custom::register(b).unwrap();
         for (n, vals) in &w {
             let v = g32.by_name(n).unwrap();
             let shape: Vec<usize> = g32.shape(v).iter().map(|d| d.fixed().unwrap() as usize).collect();
@@ -902,7 +903,8 @@ mod tests {
         let names = g.output_names();
         let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
         for threads in [1, 2, 4] {
-            let mut b = Session::builder(crate::graph::test_util::env()).unwrap().with_intra_threads(threads).unwrap();
+            let b = Session::builder(crate::graph::test_util::env()).unwrap().with_intra_threads(threads).unwrap();
+            let mut b = crate::graph::custom::register(b).unwrap();
             for (n, vals) in &w {
                 let v = g.by_name(n).unwrap();
                 let shape: Vec<usize> = g.shape(v).iter().map(|d| d.fixed().unwrap() as usize).collect();

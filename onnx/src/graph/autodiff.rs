@@ -136,7 +136,16 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
             });
             vec![da, db]
         }
-        Op::Mul => {
+        Op::QuickGelu(_) if g.fused_backward() => {
+            // The whole derivative of x * sigmoid(z), z = alpha x, in x in one kernel from z and s
+            // (the forward's values: exact alpha in any float type); s gets nothing, so the
+            // forward's Sigmoid and scaling are not differentiated again.
+            let sig = g.values[b.0].producer.expect("quick_gelu's s comes from a Sigmoid node");
+            assert_eq!(g.nodes[sig].op, Op::Sigmoid, "quick_gelu's s comes from a Sigmoid node");
+            let z = g.nodes[sig].inputs[0];
+            vec![Some(g.fused_node("QuickGeluGrad", &[dy, z, b], vec![], a)), None]
+        }
+        Op::Mul | Op::QuickGelu(_) => {
             let da = need[0].then(|| {
                 let m = g.mul(dy, b);
                 unbroadcast(g, m, a)
@@ -366,6 +375,7 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
         }
         Op::Expand => vec![Some(unbroadcast(g, dy, x)), None],
         Op::Cast => single(g.cast(dy, g.elem(x))),
+        Op::FusedBackward => panic!("second-order gradients through fused backward kernels are not supported"),
         Op::Split(_) | Op::NoGrad => unreachable!(),
     }
 }
@@ -400,13 +410,12 @@ fn matmul_rule(g: &mut Graph, a: Value, b: Value, dy: Value, need: &[bool]) -> V
 
 fn layer_norm_rule(g: &mut Graph, node: &Node, dy: Value, eps: f64, need: &[bool]) -> Vec<Option<Value>> {
     let (x, scale, bias) = (node.inputs[0], node.inputs[1], node.inputs[2]);
-    // The normalised input xh = (x - mu) / sigma from the mean and 1/sigma the forward node saved
-    // (its optional outputs, see `Graph::layer_norm_stats`): two passes instead of recomputing
-    // the statistics (six more, 3% of a ViT-B/32 input gradient's elementwise work).
-    let (xc, inv) = if let [_, mu, inv] = node.outputs[..] {
-        (g.sub(x, mu), inv)
+    // The mean and 1/sigma the forward node saved (its optional outputs, see
+    // `Graph::layer_norm_stats`) instead of recomputing them (six more passes, 3% of a ViT-B/32
+    // input gradient's elementwise work); f64 graphs (no ORT kernel with those outputs) recompute.
+    let (mu, inv) = if let [_, mu, inv] = node.outputs[..] {
+        (mu, inv)
     } else {
-        // f64 graphs recompute them.
         let mu = g.reduce_mean(x, &[-1], true);
         let xc = g.sub(x, mu);
         let sq = g.square(xc);
@@ -414,10 +423,22 @@ fn layer_norm_rule(g: &mut Graph, node: &Node, dy: Value, eps: f64, need: &[bool
         let e = g.scalar_as(g.elem(x), eps);
         let ve = g.add(var, e);
         let sd = g.sqrt(ve);
-        (xc, g.reciprocal(sd))
+        (mu, g.reciprocal(sd))
     };
-    let xh = g.mul(xc, inv);
+    let fused = g.fused_backward();
+    // The normalised input xh = (x - mu) / sigma, made only where a rule below reads it.
+    let mut xh_cell = None;
+    let mut xh = |g: &mut Graph| {
+        *xh_cell.get_or_insert_with(|| {
+            let xc = g.sub(x, mu);
+            g.mul(xc, inv)
+        })
+    };
     let dx = need[0].then(|| {
+        if fused {
+            return g.fused_node("LayerNormGrad", &[dy, x, scale, mu, inv], vec![], x);
+        }
+        let xh = xh(g);
         let h = g.mul(dy, scale);
         let mh = g.reduce_mean(h, &[-1], true);
         let hx = g.mul(h, xh);
@@ -428,6 +449,7 @@ fn layer_norm_rule(g: &mut Graph, node: &Node, dy: Value, eps: f64, need: &[bool
         g.mul(d, inv)
     });
     let dg = need[1].then(|| {
+        let xh = xh(g);
         let m = g.mul(dy, xh);
         unbroadcast(g, m, scale)
     });

@@ -39,9 +39,8 @@ pub(crate) fn env() -> &'static ort::environment::Environment {
 }
 
 pub(crate) fn session(g: &Graph) -> Session {
-    Session::builder(env())
-        .unwrap()
-        .with_intra_threads(1)
+    let b = Session::builder(env()).unwrap().with_intra_threads(1).unwrap();
+    super::custom::register(b)
         .unwrap()
         .commit_from_memory(&g.to_bytes())
         .unwrap_or_else(|e| panic!("ORT rejected graph `{}`: {e}", g.name))
@@ -193,6 +192,7 @@ fn elementwise_unary() {
     // No f64 kernels in ORT: checked in f32 with a coarser step.
     check_in(ElemType::F32, "erf", &[(&[2, 3], x.clone())], &[], |g, x, _| g.erf(x[0]));
     check_in(ElemType::F32, "gelu", &[(&[2, 3], x.clone())], &[], |g, x, _| g.gelu(x[0]));
+    check_in(ElemType::F32, "quick_gelu_f32", &[(&[2, 3], x.clone())], &[], |g, x, _| g.quick_gelu(x[0]));
     check("pow3", &[(&[2, 3], x.clone())], &[], |g, x, _| g.pow(x[0], 3.0));
     check("pow2", &[(&[2, 3], x.clone())], &[], |g, x, _| g.pow(x[0], 2.0));
     check("pow_half", &[(&[2, 3], pos.clone())], &[], |g, x, _| g.pow(x[0], 0.5));
@@ -217,7 +217,55 @@ fn matmul_shapes() {
     let x = data(30, &[2, 3, 4], -1.0, 1.0);
     let w = data(31, &[5, 4], -1.0, 1.0);
     let b = data(32, &[5], -1.0, 1.0);
-    check("linear", &[(&[2, 3, 4], x), (&[5, 4], w), (&[5], b)], &[], |g, x, _| g.linear(x[0], x[1], Some(x[2])));
+    check("linear", &[(&[2, 3, 4], x), (&[5, 4], w.clone()), (&[5], b)], &[], |g, x, _| {
+        g.linear(x[0], x[1], Some(x[2]))
+    });
+    check("linear_2d", &[(&[3, 4], data(33, &[3, 4], -1.0, 1.0)), (&[5, 4], w)], &[], |g, x, _| {
+        g.linear(x[0], x[1], None)
+    });
+}
+
+/// The fused backward kernels ([`super::custom`]) give the gradients of the chains of standard
+/// nodes they replace (f64 to rounding, f32 within f32 rounding), and appear only in backward.
+#[test]
+fn fused_backward_kernels_equal_the_standard_node_chains() {
+    let s: &[usize] = &[3, 5, 16];
+    let x = data(70, s, -3.0, 3.0);
+    let (gam, bet, r) = (data(71, &[16], 0.5, 1.5), data(72, &[16], -0.5, 0.5), data(73, s, -1.0, 1.0));
+    let grads = |ft: ElemType, fused: bool| {
+        let mut g = Graph::new("fused", ft);
+        g.set_fused_backward(fused);
+        let xv = g.input("x", ft, &dims(s));
+        let gv = g.input("g", ft, &dims(&[16]));
+        let bv = g.input("b", ft, &dims(&[16]));
+        let h = g.layer_norm(xv, gv, bv, 1e-5);
+        let y = g.quick_gelu(h);
+        let y = g.layer_norm(y, gv, bv, 1e-5);
+        let rv = g.const_float(s, &r);
+        let m = g.mul(y, rv);
+        let l = g.sum_all(m);
+        let forward_custom = g.nodes.iter().any(|n| n.domain == super::custom::DOMAIN);
+        assert!(!forward_custom, "forward nodes stay standard ONNX");
+        let gr = g.grad(l, &[xv, gv, bv]);
+        let n_custom = g.nodes.iter().filter(|n| n.domain == super::custom::DOMAIN).count();
+        assert_eq!(n_custom, if fused { 3 } else { 0 }, "{ft:?} fused={fused}");
+        for (v, n) in gr.iter().zip(["dx", "dg", "db"]) {
+            g.output(*v, n);
+        }
+        let f = |shape: &[usize], v: &[f64]| match ft {
+            ElemType::F64 => Feed::F64(shape.to_vec(), v.to_vec()),
+            _ => Feed::F32(shape.to_vec(), v.iter().map(|&a| a as f32).collect()),
+        };
+        let mut sess = session(&g);
+        run(&mut sess, &[("x", f(s, &x)), ("g", f(&[16], &gam)), ("b", f(&[16], &bet))], &["dx", "dg", "db"])
+    };
+    for (ft, tol) in [(ElemType::F64, 1e-12), (ElemType::F32, 3e-5)] {
+        let (a, b) = (grads(ft, true), grads(ft, false));
+        assert_eq!(a[0].len(), 3 * 5 * 16);
+        for (p, q) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{ft:?}: fused {p} vs standard {q}");
+        }
+    }
 }
 
 #[test]
