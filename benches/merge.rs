@@ -16,7 +16,9 @@
 //! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
 //! same bytes measured in the same run (into a pre-faulted buffer; a copy into a fresh allocation is
 //! printed beside it), with the TIES / task-arithmetic ratio and the load average. The process keeps
-//! glibc's default allocator settings, like `mergeattack merge`.
+//! glibc's default allocator settings, like `mergeattack merge` (`MERGEATTACK_BENCH_MALLOPT=1`: the
+//! settings the tool applies once it builds an ONNX Runtime session, so that repeated merges reuse
+//! the freed output pages; the bench says which it ran with).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,6 +105,22 @@ fn full() {
     );
 }
 
+/// The allocator settings `onnx/src/runtime.rs` applies when it builds a session (same values):
+/// blocks up to 32 MiB from the heap, up to 1 GiB of freed heap kept for reuse.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt only changes allocator tuning parameters; both values are in range.
+        let ok = unsafe { mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 };
+        assert!(ok, "mallopt refused the allocator settings");
+    }
+}
+
 /// The 1-minute load average (Linux), to print next to each figure.
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -157,10 +175,20 @@ fn kernels() {
         "in-core kernels: {tasks} fine-tuned + base, {numel} f32 entries each ({layers} layers), generated in {:.1} s, best of {reps}",
         t0.elapsed().as_secs_f64()
     );
-    println!(
-        "allocator: glibc defaults, as in `mergeattack merge` (the mallopt settings of onnx/src/runtime.rs \
-         apply only once an ONNX Runtime session is built): each merge faults its output pages in"
-    );
+    if std::env::var("MERGEATTACK_BENCH_MALLOPT").is_ok_and(|v| v == "1") {
+        keep_freed_memory();
+        println!(
+            "allocator: glibc with the mallopt settings of onnx/src/runtime.rs (mmap threshold 32 MiB, trim \
+             threshold 1 GiB), as in a `mergeattack` process once an ONNX Runtime session is built: from the \
+             second repetition on, a merge's output reuses freed pages (no page faults)"
+        );
+    } else {
+        println!(
+            "allocator: glibc defaults, as in `mergeattack merge` (the mallopt settings of onnx/src/runtime.rs \
+             apply only once an ONNX Runtime session is built; MERGEATTACK_BENCH_MALLOPT=1 sets them here): \
+             each merge faults its output pages in"
+        );
+    }
     let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
     let bytes = ((tasks + 2) * numel * 4) as f64; // read base + models, write the output
     println!("{:<16} {:>9} {:>9} {:>9} {:>7}", "method", "seconds", "GB/s", "vs TA", "load");

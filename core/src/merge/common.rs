@@ -408,11 +408,17 @@ fn tensor_keys(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Vec<Option
 const BUCKETS: usize = 1 << 15;
 const BUCKET_SHIFT: u32 = 16;
 
+/// Counting tables per task in the histogram pass: consecutive entries count into different
+/// tables (summed at the end), so that runs of one bucket do not serialise on a single counter.
+/// Each table is padded so that the tables do not alias one another at 4 KiB strides.
+const TABLES: usize = 4;
+const TABLE_STRIDE: usize = BUCKETS + 16;
+
 /// One histogram pass over every task: per task, counts of the top 16 bits of abs(tau_t).
 /// u32 counts keep each task's table at 128 KiB; d < 2^32 entries per model.
 fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
     let tasks = flat.tasks();
-    let mut hist = vec![0u32; 2 * tasks * BUCKETS];
+    let mut tables = vec![0u32; TABLES * tasks * TABLE_STRIDE];
     let mut scratch = RowScratch::new(tasks, src.plain());
     let bucket = |x: f32| x.abs().to_bits() >> BUCKET_SHIFT;
     let mut idx = vec![0u32; CHUNK];
@@ -422,40 +428,39 @@ fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
             let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, None);
             let s = rows.sub;
             for (t, m) in rows.rows.iter().enumerate() {
-                let hist2 = &mut hist[2 * t * BUCKETS..2 * (t + 1) * BUCKETS];
-                // Even and odd entries count into two tables (summed at the end), so that runs of
-                // one bucket do not serialise on a single counter.
-                let (h0, h1) = hist2.split_at_mut(BUCKETS);
-                let h0 = &mut h0[..BUCKETS];
-                let h1 = &mut h1[..BUCKETS];
+                let mine = &mut tables[TABLES * t * TABLE_STRIDE..TABLES * (t + 1) * TABLE_STRIDE];
+                let (h0, rest) = mine.split_at_mut(TABLE_STRIDE);
+                let (h1, rest) = rest.split_at_mut(TABLE_STRIDE);
+                let (h2, h3) = rest.split_at_mut(TABLE_STRIDE);
+                let (h0, h1, h2, h3) = (&mut h0[..BUCKETS], &mut h1[..BUCKETS], &mut h2[..BUCKETS], &mut h3[..BUCKETS]);
                 // The bucket indices first (a vectorised streaming loop), then the counts from L1:
                 // counting straight from the streamed rows stalls on the cache misses.
                 let idx = &mut idx[..len];
                 for ((i, &m), &s) in idx.iter_mut().zip(m.iter()).zip(s) {
                     *i = bucket(m - s);
                 }
-                let mut pairs = idx.chunks_exact(2);
-                for p in &mut pairs {
-                    h0[p[0] as usize] += 1;
-                    h1[p[1] as usize] += 1;
+                let mut quads = idx.chunks_exact(TABLES);
+                for q in &mut quads {
+                    h0[q[0] as usize] += 1;
+                    h1[q[1] as usize] += 1;
+                    h2[q[2] as usize] += 1;
+                    h3[q[3] as usize] += 1;
                 }
-                for &i in pairs.remainder() {
+                for &i in quads.remainder() {
                     h0[i as usize] += 1;
                 }
             }
         }
     }
-    for t in 0..tasks {
-        let (dst, src) = hist.split_at_mut((2 * t + 1) * BUCKETS);
-        for (a, &b) in dst[2 * t * BUCKETS..].iter_mut().zip(&src[..BUCKETS]) {
-            *a += b;
+    // Task t's table at [t B, (t + 1) B).
+    let mut hist = vec![0u32; tasks * BUCKETS];
+    for (t, h) in hist.chunks_exact_mut(BUCKETS).enumerate() {
+        for part in tables[TABLES * t * TABLE_STRIDE..TABLES * (t + 1) * TABLE_STRIDE].chunks_exact(TABLE_STRIDE) {
+            for (a, &b) in h.iter_mut().zip(part) {
+                *a += b;
+            }
         }
     }
-    // Task t's table at [t B, (t + 1) B).
-    for t in 1..tasks {
-        hist.copy_within(2 * t * BUCKETS..(2 * t + 1) * BUCKETS, t * BUCKETS);
-    }
-    hist.truncate(tasks * BUCKETS);
     hist
 }
 
