@@ -3,8 +3,10 @@
 # fine-tuned, generated once into target/bench-merge/, about 3.2 GB):
 #   1. seconds and effective GB/s per method, beside a memory-copy baseline (benches/merge.rs);
 #   2. the in-core kernels without file I/O (task-arithmetic, ties, emr, dare on 8 x 22 M entries
-#      in memory, best of 3) beside a memcpy baseline measured in the same run, and the SVD path
-#      of tsv-m on ViT-B/32 block shapes (full and top-96);
+#      in memory, best of 3) beside a memcpy baseline measured in the same run, under glibc's
+#      default allocator settings (as `mergeattack merge`) and again for task-arithmetic and ties
+#      under the tool's session settings (MERGEATTACK_BENCH_MALLOPT=1: freed output pages reused),
+#      and the SVD path of tsv-m on ViT-B/32 block shapes (full and top-96);
 #   3. peak RSS of one `mergeattack merge` run per method, measured with GNU time
 #      (`apt-get install -y time` if /usr/bin/time is missing).
 # The 1-minute load average is printed next to the figures: compare only within one run.
@@ -19,6 +21,8 @@ fi
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 MERGEATTACK_BENCH_FULL=1 cargo bench --bench merge
 MERGEATTACK_BENCH_KERNELS=1 MERGEATTACK_BENCH_METHODS=task-arithmetic,ties,emr,dare cargo bench --bench merge
+MERGEATTACK_BENCH_KERNELS=1 MERGEATTACK_BENCH_MALLOPT=1 MERGEATTACK_BENCH_METHODS=task-arithmetic,ties \
+    cargo bench --bench merge
 MERGEATTACK_BENCH_SVD=1 cargo bench --bench merge
 cargo build --release --quiet -p mergeattack-harness --bin mergeattack
 dir=target/bench-merge
