@@ -273,7 +273,7 @@ mod tests {
     fn the_pretraining_key_follows_the_pretraining_pool_not_the_fine_tuned_tasks() {
         let five: Vec<String> =
             ["digits", "fashion", "fashion-coarse", "animals", "textures"].iter().map(|s| s.to_string()).collect();
-        let a = ZooConfig { tasks: five.clone(), ..ZooConfig::default() };
+        let a = ZooConfig { tasks: five.clone(), pretrain_tasks: vec![], ..ZooConfig::default() };
         let b = ZooConfig {
             tasks: vec!["digits".into(), "animals".into()],
             pretrain_tasks: five.clone(),
