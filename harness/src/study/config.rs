@@ -53,10 +53,10 @@ surrogates = ["finetuned"]
 
 
 datasets = [
-  { name = "digits", data = "mini:digits" },
-  { name = "fashion-coarse", data = "mini:fashion-coarse" },
-  { name = "animals", data = "mini:animals" },
-  { name = "textures", data = "mini:textures" },
+  { name = "digits-colour", data = "mini:digits-colour" },
+  { name = "fashion-coarse-colour", data = "mini:fashion-coarse-colour" },
+  { name = "animals-colour", data = "mini:animals-colour" },
+  { name = "optdigits", data = "mini:optdigits" },
 ]
 methods = [
   { name = "weight-average" },
