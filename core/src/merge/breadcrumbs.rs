@@ -61,6 +61,9 @@ impl MergeMethod for Breadcrumbs {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let gamma = drop_rate(params, "gamma", 0.01)?;

@@ -81,6 +81,10 @@ impl MergeMethod for Dare {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    /// DARE's masks are drawn per (task, tensor); over TIES only with the per-tensor trim.
+    fn tensorwise(&self, params: &Params) -> bool {
+        params.get("base") != Some("ties") || params.get("scope") == Some("tensor")
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let p = drop_rate(params, "p", 0.5)?;

@@ -19,6 +19,9 @@ impl MergeMethod for TaskArithmetic {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn tensorwise(&self, _params: &Params) -> bool {
+        true
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let lambda = finite(params, "lambda", 0.3)?;

@@ -49,6 +49,10 @@ impl MergeMethod for Ties {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    /// Per-tensor trim only: the global trim's thresholds depend on every tensor.
+    fn tensorwise(&self, params: &Params) -> bool {
+        params.get("scope") == Some("tensor")
+    }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         super::common::reject_weights(self.name(), input)?;
