@@ -108,17 +108,8 @@ fn check_in(
     }
     let mut s = session(&g);
     let feeds = |vals: &[Vec<f64>]| -> Vec<(String, Feed)> {
-        let mut v: Vec<(String, Feed)> = xs
-            .iter()
-            .enumerate()
-            .map(|(i, (s, _))| {
-                let f = match ft {
-                    ElemType::F64 => Feed::F64(s.to_vec(), vals[i].clone()),
-                    _ => Feed::F32(s.to_vec(), vals[i].iter().map(|&v| v as f32).collect()),
-                };
-                (format!("x{i}"), f)
-            })
-            .collect();
+        let mut v: Vec<(String, Feed)> =
+            xs.iter().enumerate().map(|(i, (s, _))| (format!("x{i}"), feed(ft, s, &vals[i]))).collect();
         v.extend(ints.iter().enumerate().map(|(i, (s, d))| (format!("i{i}"), Feed::I64(s.to_vec(), d.clone()))));
         v
     };
@@ -147,6 +138,14 @@ fn check_in(
                 "{name}: d/dx{i}[{j}] analytic {an} vs finite difference {fd}"
             );
         }
+    }
+}
+
+/// f64 values as a feed of element type `ft` (f64 as is, otherwise rounded to f32).
+fn feed(ft: ElemType, shape: &[usize], v: &[f64]) -> Feed {
+    match ft {
+        ElemType::F64 => Feed::F64(shape.to_vec(), v.to_vec()),
+        _ => Feed::F32(shape.to_vec(), v.iter().map(|&a| a as f32).collect()),
     }
 }
 
@@ -252,10 +251,7 @@ fn fused_backward_kernels_equal_the_standard_node_chains() {
         for (v, n) in gr.iter().zip(["dx", "dg", "db"]) {
             g.output(*v, n);
         }
-        let f = |shape: &[usize], v: &[f64]| match ft {
-            ElemType::F64 => Feed::F64(shape.to_vec(), v.to_vec()),
-            _ => Feed::F32(shape.to_vec(), v.iter().map(|&a| a as f32).collect()),
-        };
+        let f = |shape: &[usize], v: &[f64]| feed(ft, shape, v);
         let mut sess = session(&g);
         run(&mut sess, &[("x", f(s, &x)), ("g", f(&[16], &gam)), ("b", f(&[16], &bet))], &["dx", "dg", "db"])
     };
@@ -410,10 +406,7 @@ fn f32_layer_norm_gradients_from_saved_statistics_equal_the_f64_recomputation() 
         for (v, n) in gr.iter().zip(["dx", "dg", "db"]) {
             g.output(*v, n);
         }
-        let f = |shape: &[usize], v: &[f64]| match ft {
-            ElemType::F64 => Feed::F64(shape.to_vec(), v.to_vec()),
-            _ => Feed::F32(shape.to_vec(), v.iter().map(|&a| a as f32).collect()),
-        };
+        let f = |shape: &[usize], v: &[f64]| feed(ft, shape, v);
         let mut sess = session(&g);
         run(&mut sess, &[("x", f(s, &x)), ("g", f(&[16], &gam)), ("b", f(&[16], &bet))], &["dx", "dg", "db"])
     };
