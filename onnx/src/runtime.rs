@@ -354,7 +354,7 @@ fn disable_cpu_arena(b: &mut ort::session::builder::SessionBuilder) -> Result<()
 /// A session for a graph whose weights are graph inputs (fed with every run).
 fn create_fed_session(bytes: &[u8], opts: &RuntimeOptions) -> Result<Session, RuntimeError> {
     let (mut b, _used) = register_device(session_builder(opts)?, opts.device)?;
-    b.commit_from_memory(bytes).map_err(RuntimeError::ort("create a session"))
+    crate::graph::custom::commit(&mut b, bytes).map_err(RuntimeError::ort("create a session"))
 }
 
 /// A session for the graph `bytes` with `weights` as external initializers.
@@ -385,7 +385,7 @@ pub fn create_session(
             .map_err(|e| RuntimeError::ort(format!("bind weight `{name}`"))(e.into()))?;
     }
     let (mut b, _used) = register_device(b, opts.device)?;
-    b.commit_from_memory(bytes).map_err(RuntimeError::ort("create a session"))
+    crate::graph::custom::commit(&mut b, bytes).map_err(RuntimeError::ort("create a session"))
 }
 
 /// Load weights from `path` (a safetensors file, or a directory holding `model.safetensors` or a

@@ -726,7 +726,7 @@ mod tests {
             let t = ort::value::Tensor::from_array((shape, data)).unwrap().into_dyn();
             b = b.with_external_initializer(n, t).unwrap();
         }
-        let mut s32 = b.commit_from_memory(&g32.to_bytes()).unwrap();
+        let mut s32 = crate::graph::custom::commit(&mut b, &g32.to_bytes()).unwrap();
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let o32 = run(
             &mut s32,
@@ -911,7 +911,7 @@ mod tests {
                 let data: Vec<f32> = vals.iter().map(|&x| x as f32).collect();
                 b = b.with_external_initializer(n, Tensor::from_array((shape, data)).unwrap().into_dyn()).unwrap();
             }
-            let mut s = b.commit_from_memory(&bytes).unwrap();
+            let mut s = crate::graph::custom::commit(&mut b, &bytes).unwrap();
             let x = Tensor::from_array((vec![N, 3, 8, 8], px.clone())).unwrap();
             let l = Tensor::from_array((vec![N], labels.clone())).unwrap();
             let o = s.run(ort::inputs![PIXELS => x, LABELS => l]).unwrap();

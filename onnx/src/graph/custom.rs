@@ -39,6 +39,16 @@ pub fn register(b: ort::session::builder::SessionBuilder) -> ort::Result<ort::se
     b.with_operators(d).map_err(Into::into)
 }
 
+/// Create a session from a builder on which [`register`] was called. Session creation is
+/// serialised process-wide: ONNX Runtime adds a registered domain to ONNX's process-wide schema
+/// registry while it creates the session, and two sessions created at the same moment with the
+/// same domain race there (one fails with "the domain is already exist").
+pub fn commit(b: &mut ort::session::builder::SessionBuilder, model: &[u8]) -> ort::Result<ort::session::Session> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    b.commit_from_memory(model)
+}
+
 /// The float types the kernels run in.
 pub(crate) trait Real:
     PrimitiveTensorElementType

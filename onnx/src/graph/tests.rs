@@ -40,10 +40,8 @@ pub(crate) fn env() -> &'static ort::environment::Environment {
 
 pub(crate) fn session(g: &Graph) -> Session {
     let b = Session::builder(env()).unwrap().with_intra_threads(1).unwrap();
-    super::custom::register(b)
-        .unwrap()
-        .commit_from_memory(&g.to_bytes())
-        .unwrap_or_else(|e| panic!("ORT rejected graph `{}`: {e}", g.name))
+    let mut b = super::custom::register(b).unwrap();
+    super::custom::commit(&mut b, &g.to_bytes()).unwrap_or_else(|e| panic!("ORT rejected graph `{}`: {e}", g.name))
 }
 
 /// Run and return every requested output as f64 values.
