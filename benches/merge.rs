@@ -15,10 +15,12 @@
 //! `MERGEATTACK_BENCH_LAYERS` encoder layers, default 3 = 22 M entries per model, 12 = 88 M), each
 //! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
 //! same bytes measured in the same run (into a pre-faulted buffer; a copy into a fresh allocation is
-//! printed beside it), with the TIES / task-arithmetic ratio and the load average. The process keeps
-//! glibc's default allocator settings, like `mergeattack merge` (`MERGEATTACK_BENCH_MALLOPT=1`: the
-//! settings the tool applies once it builds an ONNX Runtime session, so that repeated merges reuse
-//! the freed output pages; the bench says which it ran with).
+//! printed beside it), with the TIES / task-arithmetic ratio and the load average. The process has
+//! the allocator of the `mergeattack` binary (`mergeattack_harness::hugepages`: blocks of 2 MiB or
+//! more on transparent huge pages; task-arithmetic is also timed with it turned off) and glibc's
+//! default settings, like `mergeattack merge` (`MERGEATTACK_BENCH_MALLOPT=1`: the settings the
+//! tool applies once it builds an ONNX Runtime session, so that repeated merges reuse the freed
+//! output pages; the bench says which it ran with).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,6 +31,10 @@ use mergeattack_harness::commands::merge::merge_files;
 use mergeattack_harness::mergeconfig::MergeSpec;
 use mergeattack_harness::synth::{self, SynthConfig};
 use mergeattack_onnx::weights::OutDtype;
+
+/// The allocator of the `mergeattack` binary, so that the kernels run as they do in the tool.
+#[global_allocator]
+static ALLOC: mergeattack_harness::hugepages::HugePages = mergeattack_harness::hugepages::HugePages;
 
 const FULL_METHODS: [&str; 5] = ["task-arithmetic", "ties", "emr", "dare", "tsv-m"];
 
@@ -121,6 +127,15 @@ fn keep_freed_memory() {
     }
 }
 
+/// `AnonHugePages` of this process (Linux), to show whether the kernel backed big blocks with
+/// huge pages (`/sys/kernel/mm/transparent_hugepage/enabled` must be `always` or `madvise`).
+fn anon_huge_pages() -> String {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("AnonHugePages:")).map(|l| l[14..].trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The 1-minute load average (Linux), to print next to each figure.
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -178,26 +193,24 @@ fn kernels() {
     if std::env::var("MERGEATTACK_BENCH_MALLOPT").is_ok_and(|v| v == "1") {
         keep_freed_memory();
         println!(
-            "allocator: glibc with the mallopt settings of onnx/src/runtime.rs (mmap threshold 32 MiB, trim \
-             threshold 1 GiB), as in a `mergeattack` process once an ONNX Runtime session is built: from the \
+            "allocator: the tool's (blocks >= 2 MiB on transparent huge pages) over glibc with the mallopt \
+             settings of onnx/src/runtime.rs (mmap threshold 32 MiB, trim threshold 1 GiB), as in a `mergeattack` process once an ONNX Runtime session is built: from the \
              second repetition on, a merge's output reuses freed pages (no page faults)"
         );
     } else {
         println!(
-            "allocator: glibc defaults, as in `mergeattack merge` (the mallopt settings of onnx/src/runtime.rs \
-             apply only once an ONNX Runtime session is built; MERGEATTACK_BENCH_MALLOPT=1 sets them here): \
-             each merge faults its output pages in"
+            "allocator: the tool's (blocks >= 2 MiB on transparent huge pages) over glibc defaults, as in \
+             `mergeattack merge` (the mallopt settings of onnx/src/runtime.rs apply only once an ONNX Runtime \
+             session is built; MERGEATTACK_BENCH_MALLOPT=1 sets them here): each merge faults its output \
+             pages in"
         );
     }
     let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
     let bytes = ((tasks + 2) * numel * 4) as f64; // read base + models, write the output
     println!("{:<16} {:>9} {:>9} {:>9} {:>7}", "method", "seconds", "GB/s", "vs TA", "load");
     let mut ta = None;
-    for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        let Ok(method) = lookup(m) else {
-            println!("{m:<16} (not in the registry)");
-            continue;
-        };
+    let time = |m: &str| {
+        let method = lookup(m).ok()?;
         let mut best = f64::INFINITY;
         for _ in 0..reps {
             let t = Instant::now();
@@ -206,6 +219,19 @@ fn kernels() {
             std::hint::black_box(&out);
             drop(out);
         }
+        Some(best)
+    };
+    // For context: task-arithmetic with its output on 4 KiB pages (the allocator's rule off).
+    mergeattack_harness::hugepages::set_enabled(false);
+    if let Some(best) = time("task-arithmetic") {
+        println!("{:<16} {best:>9.3} {:>9.2} {:>9} {:>7}", "TA (4 KiB pages)", bytes / 1e9 / best, "-", load());
+    }
+    mergeattack_harness::hugepages::set_enabled(true);
+    for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let Some(best) = time(m) else {
+            println!("{m:<16} (not in the registry)");
+            continue;
+        };
         if m == "task-arithmetic" {
             ta = Some(best);
         }
@@ -240,6 +266,7 @@ fn kernels() {
     if let Some(t) = ta {
         println!("task-arithmetic at {:.0}% of the memcpy baseline's GB/s", 100.0 * (bytes / 1e9 / t) / gbs);
     }
+    println!("transparent huge pages in use at the end: {}", anon_huge_pages());
 }
 
 /// The SVD path of tsv-m / iso-c / iso-cts on ViT-B/32 block shapes: one thin SVD of a 3072 x 768

@@ -3,6 +3,10 @@
 
 use std::process::ExitCode;
 
+/// Big blocks on transparent huge pages (see `hugepages`).
+#[global_allocator]
+static ALLOC: mergeattack_harness::hugepages::HugePages = mergeattack_harness::hugepages::HugePages;
+
 fn main() -> ExitCode {
     mergeattack_harness::cli::main()
 }
