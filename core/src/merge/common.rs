@@ -206,6 +206,9 @@ pub(crate) fn reject_weights(method: &'static str, input: &MergeInput<'_, '_>) -
 /// task in registers (the compiler keeps `[f32; LANES]` in vector registers).
 const LANES: usize = 16;
 
+/// Lanes of the TIES block kernel (its per-lane state is five arrays: more lanes spill registers).
+const TIES_LANES: usize = 8;
+
 /// Per task, the slices the kernels read at one chunk: the model entries themselves (plain task
 /// vectors, `sub` = the base) or tau_t filled by the source into `bufs` (`sub` = zeros), so that
 /// tau = m - sub is exact in both cases (x - 0 = x, also for -0).
@@ -544,6 +547,7 @@ enum Mode<'a> {
 /// (trimmed entries already zero, the others raw).
 struct Deferred {
     at: Vec<(u32, u32)>,
+    base: Vec<f32>,
     values: Vec<f32>,
 }
 
@@ -586,22 +590,32 @@ struct Cut {
 const DEFERRED: u32 = 1;
 const UNDECIDED: u32 = 2;
 
+/// All ones for true, zero for false.
+#[inline(always)]
+fn mask(c: bool) -> u32 {
+    u32::from(c).wrapping_neg()
+}
+
 /// Trim one value by its task's cut.
 #[inline(always)]
 fn cut(x: f32, c: Cut) -> f32 {
     if (x.abs().to_bits() as i32) < c.lo { 0.0 } else { x }
 }
 
-/// TIES on the `W` entries at `j` of one chunk, carried through every task in registers: trim,
-/// sum and abs sum, elected sign, disjoint merge (tau recomputed from the rows, still in L1),
-/// `out = base + lambda * merged`. Per entry the f32 operations are those of [`merged_entry`] and
-/// of the sign election, in task order, whatever `W`. `flags[l]`: [`DEFERRED`] when a value lies
-/// in its task's band (its sign is not elected here, its output is provisional), [`UNDECIDED`]
-/// for a zero trimmed sum with nonzero values when `zero_sign` is 0. Returns the sum of the
-/// elected signs of the decided entries.
+/// TIES on the `W` entries at `j` of one chunk, carried through every task in registers, in one
+/// sweep over the tasks: trim, the trimmed sum, and beside it the sums of the positive and of the
+/// negative trimmed values (and their counts for the mean); then the elected sign picks the
+/// positive or the negative sum, `out = base + lambda * merged`. The disjoint merge of
+/// [`merged_entry`] adds, in task order, x where x * e > 0 and 0 elsewhere; with e = +1 that is
+/// exactly the sequence of additions of the positive sum (x where x > 0, else 0), with e = -1 that
+/// of the negative sum, so the result is bitwise the same, whatever `W`. `flags[l]`: [`DEFERRED`]
+/// when a value lies in its task's band (its sign is not elected here, its output is
+/// provisional), [`UNDECIDED`] for a zero trimmed sum with nonzero values when `zero_sign` is 0.
+/// `COUNT`: add, per task and lane, the values trimmed by the cut (abs bits below `lo`) to
+/// `below`. Returns the sum of the elected signs of the decided entries.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn ties_block<const W: usize, const MEAN: bool>(
+fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
     rows: &[&[f32]],
     j: usize,
     sub: &[f32],
@@ -611,28 +625,43 @@ fn ties_block<const W: usize, const MEAN: bool>(
     lambda: f32,
     out: &mut [f32],
     flags: &mut [u32],
+    below: &mut [[u32; TIES_LANES]],
 ) -> i32 {
     let s: &[f32; W] = sub[j..j + W].try_into().expect("block");
     let mut sum = [0.0f32; W];
-    let mut asum = [0.0f32; W];
+    let mut pos = [0.0f32; W];
+    let mut neg = [0.0f32; W];
+    let mut npos = [0.0f32; W];
+    let mut nneg = [0.0f32; W];
     let mut flag = [0u32; W];
-    for (m, &c) in rows.iter().zip(cuts) {
+    for ((m, &c), bl) in rows.iter().zip(cuts).zip(below.iter_mut()) {
         let m: &[f32; W] = m[j..j + W].try_into().expect("block");
         for l in 0..W {
             let x = m[l] - s[l];
             let bits = x.abs().to_bits() as i32;
             let d = bits - c.lo;
             flag[l] |= u32::from(d >= 0 && d < c.width && bits != 0);
+            if COUNT {
+                bl[l] += u32::from(bits < c.lo);
+            }
             let x = if bits < c.lo { 0.0 } else { x };
             sum[l] += x;
-            asum[l] += x.abs();
+            pos[l] += if x > 0.0 { x } else { 0.0 };
+            neg[l] += if x < 0.0 { x } else { 0.0 };
+            if MEAN {
+                npos[l] += if x > 0.0 { 1.0 } else { 0.0 };
+                nneg[l] += if x < 0.0 { 1.0 } else { 0.0 };
+            }
         }
     }
     // The election as branch-free 0/1 arithmetic (so that it vectorises): p, q, z are exclusive,
-    // so e = p - q + z * zero_sign is +1, -1, zero_sign or 0 exactly as the case analysis.
-    let mut e = [0.0f32; W];
+    // so e = p - q + z * zero_sign is +1, -1, zero_sign or 0 exactly as the case analysis. Some
+    // value is nonzero exactly when the positive sum is > 0 or the negative one < 0 (a sum of
+    // same-signed values is never smaller in magnitude than any of them).
     let mut votes = [0.0f32; W];
     let mut und = [0.0f32; W];
+    let mut acc = [0.0f32; W];
+    let mut cnt = [0.0f32; W];
     for l in 0..W {
         let open = if flag[l] == 0 { 1.0f32 } else { 0.0 };
         let gt = if sum[l] > 0.0 { 1.0f32 } else { 0.0 };
@@ -641,8 +670,15 @@ fn ties_block<const W: usize, const MEAN: bool>(
         let q = lt * open;
         let z = (1.0 - gt - lt) * open;
         votes[l] = p - q;
-        e[l] = (p - q) + z * zero_sign;
-        und[l] = if asum[l] > 0.0 { z } else { 0.0 };
+        let e = (p - q) + z * zero_sign;
+        let any = pos[l] > 0.0 || neg[l] < 0.0;
+        und[l] = if any { z } else { 0.0 };
+        // acc = pos where e > 0, neg where e < 0, else 0 (as bit masks: this vectorises).
+        let (pm, nm) = (mask(e > 0.0), mask(e < 0.0));
+        acc[l] = f32::from_bits((pos[l].to_bits() & pm) | (neg[l].to_bits() & nm));
+        if MEAN {
+            cnt[l] = f32::from_bits((npos[l].to_bits() & pm) | (nneg[l].to_bits() & nm));
+        }
     }
     let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
     let fl: &mut [u32; W] = (&mut flags[j..j + W]).try_into().expect("block");
@@ -651,19 +687,6 @@ fn ties_block<const W: usize, const MEAN: bool>(
     }
     // At most W votes of +-1: exact in f32.
     let total = votes.iter().sum::<f32>() as i32;
-    let mut acc = [0.0f32; W];
-    let mut cnt = [0.0f32; W];
-    for (m, &c) in rows.iter().zip(cuts) {
-        let m: &[f32; W] = m[j..j + W].try_into().expect("block");
-        for l in 0..W {
-            let x = cut(m[l] - s[l], c);
-            let keep = x * e[l] > 0.0;
-            acc[l] += if keep { x } else { 0.0 };
-            if MEAN {
-                cnt[l] += if keep { 1.0 } else { 0.0 };
-            }
-        }
-    }
     let b: &[f32; W] = base[j..j + W].try_into().expect("block");
     for l in 0..W {
         out[j + l] = if MEAN { b[l] + lambda * (acc[l] / cnt[l].max(1.0)) } else { b[l] + lambda * acc[l] };
@@ -671,9 +694,9 @@ fn ties_block<const W: usize, const MEAN: bool>(
     total
 }
 
-/// [`ties_block`] over one chunk: blocks of [`LANES`], then one entry at a time.
+/// [`ties_block`] over one chunk: blocks of [`TIES_LANES`], then one entry at a time.
 #[allow(clippy::too_many_arguments)]
-fn ties_chunk<const MEAN: bool>(
+fn ties_chunk<const MEAN: bool, const COUNT: bool>(
     rows: &[&[f32]],
     sub: &[f32],
     base: &[f32],
@@ -682,15 +705,16 @@ fn ties_chunk<const MEAN: bool>(
     lambda: f32,
     out: &mut [f32],
     flags: &mut [u32],
+    below: &mut [[u32; TIES_LANES]],
 ) -> i32 {
     let len = out.len();
-    let full = len / LANES * LANES;
+    let full = len / TIES_LANES * TIES_LANES;
     let mut total = 0;
-    for j in (0..full).step_by(LANES) {
-        total += ties_block::<LANES, MEAN>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags);
+    for j in (0..full).step_by(TIES_LANES) {
+        total += ties_block::<TIES_LANES, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
     }
     for j in full..len {
-        total += ties_block::<1, MEAN>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags);
+        total += ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
     }
     total
 }
@@ -719,9 +743,10 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
     let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none());
     let mut flags = vec![0u32; CHUNK];
     let mut tmp = vec![0.0f32; CHUNK];
+    let mut below = vec![[0u32; TIES_LANES]; tasks];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
-    let mut deferred = Deferred { at: Vec::new(), values: Vec::new() };
+    let mut deferred = Deferred { at: Vec::new(), base: Vec::new(), values: Vec::new() };
     let mut values = Vec::with_capacity(flat.names.len());
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
@@ -733,23 +758,25 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             let base = &flat.base[kk][off..off + len];
             let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
             let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
+            let (r, sub, lambda, bl) = (&rows.rows[..], rows.sub, opt.lambda, &mut below[..]);
             let total = match opt.aggregate {
-                Aggregate::Sum => {
-                    ties_chunk::<false>(&rows.rows, rows.sub, base, &cuts, zero_sign, opt.lambda, o, flags)
-                }
-                Aggregate::Mean => {
-                    ties_chunk::<true>(&rows.rows, rows.sub, base, &cuts, zero_sign, opt.lambda, o, flags)
-                }
+                Aggregate::Sum => ties_chunk::<false, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl),
+                Aggregate::Mean => ties_chunk::<true, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl),
             };
             sign_total += i64::from(total);
             out.extend_from_slice(o);
-            if flags.iter().fold(0, |a, &f| a | f) != 0 {
-                for (i, &f) in flags.iter().enumerate().filter(|(_, f)| **f != 0) {
+            // Flags are rare: skip groups of 16 with none set.
+            for (g, fs) in flags.chunks(16).enumerate() {
+                if fs.iter().fold(0, |a, &f| a | f) == 0 {
+                    continue;
+                }
+                for (i, &f) in fs.iter().enumerate().filter(|(_, f)| **f != 0).map(|(i, f)| (g * 16 + i, f)) {
                     if f & UNDECIDED != 0 {
                         undecided.push((kk, off + i));
                     }
                     if f & DEFERRED != 0 {
                         deferred.at.push((kk as u32, (off + i) as u32));
+                        deferred.base.push(base[i]);
                         deferred.values.extend(rows.rows.iter().zip(&cuts).map(|(m, &c)| cut(m[i] - rows.sub[i], c)));
                     }
                 }
@@ -788,29 +815,36 @@ fn settle(flat: &Flat<'_>, bands: &[Band], opt: &TiesOptions, pass: &mut PassOut
         .collect();
     let thr_bits: Vec<u32> = thresholds.iter().map(|t| t.map_or(0, f32::to_bits)).collect();
     let mut xs = vec![0.0f32; tasks];
-    for (j, &(kk, i)) in d.at.iter().enumerate() {
-        let (kk, i) = (kk as usize, i as usize);
-        let mut s = 0.0f32;
-        let mut asum = 0.0f32;
-        for (t, x) in xs.iter_mut().enumerate() {
-            let v = d.values[j * tasks + t];
-            *x = if v.abs().to_bits() >= thr_bits[t] { v } else { 0.0 };
-            s += *x;
-            asum += x.abs();
-        }
-        let e = if s > 0.0 {
-            pass.sign_total += 1;
-            1.0
-        } else if s < 0.0 {
-            pass.sign_total -= 1;
-            -1.0
-        } else {
-            if asum > 0.0 {
-                pass.undecided.push((kk, i));
+    // The deferred entries are sparse in the outputs: each group's output lines are read first,
+    // all at once (independent loads overlap their cache misses), then written.
+    const GROUP: usize = 64;
+    for (g, at) in d.at.chunks(GROUP).enumerate() {
+        let touch = at.iter().fold(0u32, |a, &(kk, i)| a ^ pass.values[kk as usize][i as usize].to_bits());
+        core::hint::black_box(touch);
+        for (j, &(kk, i)) in at.iter().enumerate().map(|(j, a)| (g * GROUP + j, a)) {
+            let (kk, i) = (kk as usize, i as usize);
+            let mut s = 0.0f32;
+            let mut asum = 0.0f32;
+            for (t, x) in xs.iter_mut().enumerate() {
+                let v = d.values[j * tasks + t];
+                *x = if v.abs().to_bits() >= thr_bits[t] { v } else { 0.0 };
+                s += *x;
+                asum += x.abs();
             }
-            0.0
-        };
-        pass.values[kk][i] = merged_entry(flat.base[kk][i], &xs, e, opt);
+            let e = if s > 0.0 {
+                pass.sign_total += 1;
+                1.0
+            } else if s < 0.0 {
+                pass.sign_total -= 1;
+                -1.0
+            } else {
+                if asum > 0.0 {
+                    pass.undecided.push((kk, i));
+                }
+                0.0
+            };
+            pass.values[kk][i] = merged_entry(d.base[j], &xs, e, opt);
+        }
     }
     thresholds
 }
