@@ -537,44 +537,32 @@ fn band_thresholds(flat: &Flat<'_>, src: &dyn TaskVectors, bands: &[Band]) -> Ve
         .collect()
 }
 
-/// How the merge pass trims: exactly, or by bands whose undecided entries it defers.
+/// How the merge pass trims: exactly, or by sampled windows whose undecided entries it defers
+/// (and whose trimmed entries it counts).
 enum Mode<'a> {
     Exact(&'a Trim),
-    Bands(&'a [Band]),
+    Windows(&'a [Option<Window>]),
 }
 
-/// Entries the band pass could not decide: their position and every task's value there
-/// (trimmed entries already zero, the others raw).
+/// Entries the window pass could not decide: their position, base value and every task's value
+/// there (one column per task; trimmed values already zero, the others raw).
 struct Deferred {
     at: Vec<(u32, u32)>,
     base: Vec<f32>,
-    values: Vec<f32>,
+    values: Vec<Vec<f32>>,
 }
 
 /// What one merge pass leaves: the outputs (final except at the deferred and undecided entries),
-/// the running sum of elected signs, the entries with a zero trimmed sum, the deferred entries.
+/// the running sum of elected signs, the entries with a zero trimmed sum, the deferred entries,
+/// per task the count of entries trimmed by its window (abs bits below `lo`; window mode), and
+/// whether the pass stopped early because more than the deferral limit were deferred.
 struct PassOut {
     values: Vec<Vec<f32>>,
     sign_total: i64,
     undecided: Vec<(usize, usize)>,
     deferred: Deferred,
-}
-
-/// The output entry from the trimmed values at one entry and its elected sign `e`, with the
-/// same operations in the same order as the vectorised loops of [`merge_pass`].
-#[inline]
-fn merged_entry(base: f32, xs: &[f32], e: f32, opt: &TiesOptions) -> f32 {
-    let mut a = 0.0f32;
-    let mut c = 0.0f32;
-    for &x in xs {
-        let keep = x * e > 0.0;
-        a += if keep { x } else { 0.0 };
-        c += if keep { 1.0 } else { 0.0 };
-    }
-    match opt.aggregate {
-        Aggregate::Sum => base + opt.lambda * a,
-        Aggregate::Mean => base + opt.lambda * (a / c.max(1.0)),
-    }
+    below: Vec<u64>,
+    overflow: bool,
 }
 
 /// Per task, how the merge pass trims: entries whose abs bit pattern is below `lo` become 0; the
@@ -605,8 +593,7 @@ fn cut(x: f32, c: Cut) -> f32 {
 /// TIES on the `W` entries at `j` of one chunk, carried through every task in registers, in one
 /// sweep over the tasks: trim, the trimmed sum, and beside it the sums of the positive and of the
 /// negative trimmed values (and their counts for the mean); then the elected sign picks the
-/// positive or the negative sum, `out = base + lambda * merged`. The disjoint merge of
-/// [`merged_entry`] adds, in task order, x where x * e > 0 and 0 elsewhere; with e = +1 that is
+/// positive or the negative sum, `out = base + lambda * merged`. The disjoint merge adds, in task order, x where x * e > 0 and 0 elsewhere; with e = +1 that is
 /// exactly the sequence of additions of the positive sum (x where x > 0, else 0), with e = -1 that
 /// of the negative sum, so the result is bitwise the same, whatever `W`. `flags[l]`: [`DEFERRED`]
 /// when a value lies in its task's band (its sign is not elected here, its output is
@@ -636,14 +623,13 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
     let mut flag = [0u32; W];
     for ((m, &c), bl) in rows.iter().zip(cuts).zip(below.iter_mut()) {
         let m: &[f32; W] = m[j..j + W].try_into().expect("block");
+        let mut trimmed = [0u32; W];
         for l in 0..W {
             let x = m[l] - s[l];
             let bits = x.abs().to_bits() as i32;
             let d = bits - c.lo;
             flag[l] |= u32::from(d >= 0 && d < c.width && bits != 0);
-            if COUNT {
-                bl[l] += u32::from(bits < c.lo);
-            }
+            trimmed[l] = u32::from(bits < c.lo);
             let x = if bits < c.lo { 0.0 } else { x };
             sum[l] += x;
             pos[l] += if x > 0.0 { x } else { 0.0 };
@@ -651,6 +637,11 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
             if MEAN {
                 npos[l] += if x > 0.0 { 1.0 } else { 0.0 };
                 nneg[l] += if x < 0.0 { 1.0 } else { 0.0 };
+            }
+        }
+        if COUNT {
+            for l in 0..W {
+                bl[l] += trimmed[l];
             }
         }
     }
@@ -719,9 +710,10 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(
     total
 }
 
-/// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s bands leave
-/// undecided are written provisionally and listed in `deferred`.
-fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: Mode<'_>) -> PassOut {
+/// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s windows leave
+/// undecided are written provisionally and listed in `deferred` (at most `limit` of them: past that
+/// the pass stops with `overflow` set).
+fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: Mode<'_>, limit: usize) -> PassOut {
     let tasks = flat.tasks();
     // Tensor scope trims by per-entry keys: those rows are filled and trimmed first.
     let pre = match mode {
@@ -733,20 +725,19 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             thr.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect()
         }
         Mode::Exact(Trim::Tensor(_)) => vec![Cut { lo: 0, width: 0 }; tasks],
-        Mode::Bands(bands) => bands
+        Mode::Windows(windows) => windows
             .iter()
-            .map(|b| {
-                if b.hi > b.lo { Cut { lo: b.lo as i32, width: (b.hi - b.lo) as i32 } } else { Cut { lo: 0, width: 0 } }
-            })
+            .map(|w| w.map_or(Cut { lo: 0, width: 0 }, |w| Cut { lo: w.lo as i32, width: (w.hi - w.lo) as i32 }))
             .collect(),
     };
+    let count = matches!(mode, Mode::Windows(_));
     let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none());
     let mut flags = vec![0u32; CHUNK];
     let mut tmp = vec![0.0f32; CHUNK];
     let mut below = vec![[0u32; TIES_LANES]; tasks];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
-    let mut deferred = Deferred { at: Vec::new(), base: Vec::new(), values: Vec::new() };
+    let mut deferred = Deferred { at: Vec::new(), base: Vec::new(), values: vec![Vec::new(); tasks] };
     let mut values = Vec::with_capacity(flat.names.len());
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
@@ -759,9 +750,19 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
             let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
             let (r, sub, lambda, bl) = (&rows.rows[..], rows.sub, opt.lambda, &mut below[..]);
-            let total = match opt.aggregate {
-                Aggregate::Sum => ties_chunk::<false, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl),
-                Aggregate::Mean => ties_chunk::<true, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl),
+            let total = match (opt.aggregate, count) {
+                (Aggregate::Sum, false) => {
+                    ties_chunk::<false, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
+                }
+                (Aggregate::Mean, false) => {
+                    ties_chunk::<true, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
+                }
+                (Aggregate::Sum, true) => {
+                    ties_chunk::<false, true>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
+                }
+                (Aggregate::Mean, true) => {
+                    ties_chunk::<true, true>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
+                }
             };
             sign_total += i64::from(total);
             out.extend_from_slice(o);
@@ -777,76 +778,88 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
                     if f & DEFERRED != 0 {
                         deferred.at.push((kk as u32, (off + i) as u32));
                         deferred.base.push(base[i]);
-                        deferred.values.extend(rows.rows.iter().zip(&cuts).map(|(m, &c)| cut(m[i] - rows.sub[i], c)));
+                        for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(&cuts) {
+                            col.push(cut(m[i] - rows.sub[i], c));
+                        }
                     }
                 }
+            }
+            if deferred.at.len() > limit {
+                values.push(out);
+                return PassOut { values, sign_total, undecided, deferred, below: Vec::new(), overflow: true };
             }
         }
         values.push(out);
     }
-    PassOut { values, sign_total, undecided, deferred }
+    let below = below.iter().map(|b| b.iter().map(|&c| u64::from(c)).sum()).collect();
+    PassOut { values, sign_total, undecided, deferred, below, overflow: false }
 }
 
-/// Decide the deferred entries: the exact thresholds from the band members they hold, then per
-/// entry the trim, the elected sign and the disjoint merge (in place in `pass`). Returns the
-/// thresholds.
-fn settle(flat: &Flat<'_>, bands: &[Band], opt: &TiesOptions, pass: &mut PassOut) -> Vec<Option<f32>> {
-    let tasks = flat.tasks();
-    let d = &mut pass.deferred;
-    let thresholds: Vec<Option<f32>> = bands
-        .iter()
-        .enumerate()
-        .map(|(t, b)| {
-            if b.hi == 0 {
+/// Decide the deferred entries: per task the exact threshold from the count of entries below its
+/// window and the deferred values inside it, then the entries themselves with the kernel of the
+/// pass (exact cuts) and their outputs written in place in `pass`. Returns the thresholds, or None
+/// (and leaves `pass` as it was) when some task's threshold is not in its window.
+fn settle(
+    flat: &Flat<'_>,
+    windows: &[Option<Window>],
+    q: usize,
+    opt: &TiesOptions,
+    pass: &mut PassOut,
+) -> Option<Vec<Option<f32>>> {
+    let d = &pass.deferred;
+    let mut thresholds = Vec::with_capacity(windows.len());
+    for ((w, col), &c) in windows.iter().zip(&d.values).zip(&pass.below) {
+        let Some(w) = w else {
+            thresholds.push(None);
+            continue;
+        };
+        let c = c as usize;
+        if q < c {
+            // Below the window: only the zeros (lo = 1) may hold the threshold.
+            if w.lo > 1 {
                 return None;
             }
-            let mut members: Vec<u32> = d
-                .values
-                .iter()
-                .skip(t)
-                .step_by(tasks)
-                .map(|x| x.abs().to_bits())
-                .filter(|&bits| bits >= b.lo && bits < b.hi && bits != 0)
-                .collect();
-            // Zeros (only in the lowest bucket) were not deferred: they rank first.
-            let zeros = b.count - members.len();
-            Some(if b.rank < zeros { 0.0 } else { f32::from_bits(*members.select_nth_unstable(b.rank - zeros).1) })
-        })
-        .collect();
-    let thr_bits: Vec<u32> = thresholds.iter().map(|t| t.map_or(0, f32::to_bits)).collect();
-    let mut xs = vec![0.0f32; tasks];
-    // The deferred entries are sparse in the outputs: each group's output lines are read first,
-    // all at once (independent loads overlap their cache misses), then written.
-    const GROUP: usize = 64;
-    for (g, at) in d.at.chunks(GROUP).enumerate() {
-        let touch = at.iter().fold(0u32, |a, &(kk, i)| a ^ pass.values[kk as usize][i as usize].to_bits());
-        core::hint::black_box(touch);
-        for (j, &(kk, i)) in at.iter().enumerate().map(|(j, a)| (g * GROUP + j, a)) {
-            let (kk, i) = (kk as usize, i as usize);
-            let mut s = 0.0f32;
-            let mut asum = 0.0f32;
-            for (t, x) in xs.iter_mut().enumerate() {
-                let v = d.values[j * tasks + t];
-                *x = if v.abs().to_bits() >= thr_bits[t] { v } else { 0.0 };
-                s += *x;
-                asum += x.abs();
-            }
-            let e = if s > 0.0 {
-                pass.sign_total += 1;
-                1.0
-            } else if s < 0.0 {
-                pass.sign_total -= 1;
-                -1.0
-            } else {
-                if asum > 0.0 {
-                    pass.undecided.push((kk, i));
+            thresholds.push(Some(0.0));
+            continue;
+        }
+        let mut members: Vec<u32> =
+            col.iter().map(|x| x.abs().to_bits()).filter(|&bits| bits >= w.lo && bits < w.hi).collect();
+        if q - c >= members.len() {
+            return None;
+        }
+        thresholds.push(Some(f32::from_bits(*members.select_nth_unstable(q - c).1)));
+    }
+    let cuts: Vec<Cut> = thresholds.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect();
+    let tasks = flat.tasks();
+    let n = d.at.len();
+    let zeros = vec![0.0f32; CHUNK];
+    let mut flags = vec![0u32; CHUNK];
+    let mut out = vec![0.0f32; CHUNK];
+    let mut below = vec![[0u32; TIES_LANES]; tasks];
+    for off in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - off);
+        let rows: Vec<&[f32]> = d.values.iter().map(|col| &col[off..off + len]).collect();
+        let (base, sub, o, fl) = (&d.base[off..off + len], &zeros[..len], &mut out[..len], &mut flags[..len]);
+        let total = match opt.aggregate {
+            Aggregate::Sum => ties_chunk::<false, false>(&rows, sub, base, &cuts, 0.0, opt.lambda, o, fl, &mut below),
+            Aggregate::Mean => ties_chunk::<true, false>(&rows, sub, base, &cuts, 0.0, opt.lambda, o, fl, &mut below),
+        };
+        pass.sign_total += i64::from(total);
+        let at = &d.at[off..off + len];
+        // The deferred entries are sparse in the outputs: each group's output lines are read
+        // first, all at once (independent loads overlap their cache misses), then written.
+        for (ats, (os, fs)) in at.chunks(64).zip(o.chunks(64).zip(fl.chunks(64))) {
+            let touch = ats.iter().fold(0u32, |a, &(kk, i)| a ^ pass.values[kk as usize][i as usize].to_bits());
+            core::hint::black_box(touch);
+            for (&(kk, i), (&v, &f)) in ats.iter().zip(os.iter().zip(fs)) {
+                pass.values[kk as usize][i as usize] = v;
+                if f & UNDECIDED != 0 {
+                    pass.undecided.push((kk as usize, i as usize));
                 }
-                0.0
-            };
-            pass.values[kk][i] = merged_entry(d.base[j], &xs, e, opt);
+            }
         }
     }
-    thresholds
+    Some(thresholds)
 }
 
 /// Entries whose trimmed sum is exactly zero (but not every entry zero) take the sign of the sum of
@@ -865,49 +878,178 @@ fn resolve_undecided(flat: &Flat<'_>, src: &dyn TaskVectors, trim: &Trim, opt: &
     }
 }
 
-/// At most this many band members over all tasks are deferred (kept with every task's value at
-/// their entries) before the merge falls back to a second pass that finds the thresholds first.
+/// At most this many entries are deferred (kept with every task's value) before the merge falls
+/// back to the exact path, which finds the thresholds first.
 fn deferral_limit(total: usize) -> usize {
     (total / 16).max(1 << 20)
+}
+
+/// Where the merge pass looks for task t's global threshold: abs bit patterns below `lo` are
+/// trimmed (and counted), from `hi` on kept; the nonzero ones in `[lo, hi)` leave their entry
+/// deferred until the threshold is known. `lo >= 1`, so the zeros are among the counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    lo: u32,
+    hi: u32,
+}
+
+/// How the windows are sampled: one block of [`SAMPLE_BLOCK`] consecutive entries at a random
+/// offset in each `stride` entries of the global index (every entry when d <= `full`), the window spanning `z` binomial standard deviations of the sample rank
+/// plus `slack` ranks either side of the threshold's expected sample rank, moved by `shift` sample
+/// ranks (tests only).
+#[derive(Clone, Copy, Debug)]
+struct Sampling {
+    stride: usize,
+    full: usize,
+    z: f64,
+    slack: f64,
+    shift: f64,
+}
+
+const SAMPLE_BLOCK: usize = 64;
+const SAMPLING: Sampling = Sampling { stride: 2048, full: 1 << 17, z: 5.0, slack: SAMPLE_BLOCK as f64, shift: 0.0 };
+
+/// The 0-based rank (ascending abs value, over all d merged entries) of each task's threshold:
+/// the entry of 1-based rank d - floor(d k); None when that is 0 (keep everything).
+fn threshold_rank(d: usize, k: f64) -> Option<usize> {
+    let keep = libm::floor(d as f64 * k) as usize;
+    (d - keep.min(d)).checked_sub(1)
+}
+
+/// Per task, a window that holds its threshold (rank `q`) with high probability, from the order
+/// statistics of a sample of its abs values (the same deterministic positions for every task).
+fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> Vec<Window> {
+    use rand::RngExt;
+    let d = flat.total();
+    let stride = if d <= s.full { SAMPLE_BLOCK } else { s.stride.max(SAMPLE_BLOCK) };
+    let mut rng = crate::rng::stream(0, &[b"ties-threshold-sample"]);
+    let blocks: Vec<(usize, usize)> = (0..d)
+        .step_by(stride)
+        .map(|start| {
+            let span = stride.min(d - start);
+            let off =
+                if span > SAMPLE_BLOCK { rng.random_range(0..(span - SAMPLE_BLOCK + 1) as u64) as usize } else { 0 };
+            (start + off, SAMPLE_BLOCK.min(span - off))
+        })
+        .collect();
+    let offsets = flat.offsets();
+    let n_s: usize = blocks.iter().map(|b| b.1).sum();
+    let p = (q as f64 + 0.5) / d as f64;
+    let center = p * n_s as f64 + s.shift;
+    let margin = s.z * libm::sqrt(n_s as f64 * p * (1.0 - p)) + s.slack;
+    let (lo_r, hi_r) = (libm::floor(center - margin), libm::ceil(center + margin));
+    // Block by block, every task at once: the blocks are far apart (cache misses), and the reads
+    // of one block's rows are independent, so they overlap.
+    let tasks = flat.tasks();
+    let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(n_s)).collect();
+    let mut buf = [0.0f32; SAMPLE_BLOCK];
+    let mut k = 0;
+    for &(mut g, mut left) in &blocks {
+        while left > 0 {
+            while g >= offsets[k] + flat.len(k) {
+                k += 1;
+            }
+            let off = g - offsets[k];
+            let n = left.min(flat.len(k) - off);
+            for (t, sample) in samples.iter_mut().enumerate() {
+                src.fill(t, k, off, &mut buf[..n]);
+                sample.extend(buf[..n].iter().map(|x| x.abs().to_bits()));
+            }
+            g += n;
+            left -= n;
+        }
+    }
+    samples
+        .iter_mut()
+        .map(|sample| {
+            let (lo, right) = if lo_r < 0.0 {
+                (1, &mut sample[..])
+            } else if (lo_r as usize) < n_s {
+                let (_, &mut lo, right) = sample.select_nth_unstable(lo_r as usize);
+                (lo.max(1), right)
+            } else {
+                (0x8000_0000, &mut sample[n_s..])
+            };
+            let hi = if hi_r < 0.0 {
+                0
+            } else {
+                let h = hi_r as usize - (n_s - right.len());
+                if h < right.len() { *right.select_nth_unstable(h).1 + 1 } else { 0x8000_0000 }
+            };
+            Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
+        })
+        .collect()
 }
 
 /// The TIES merge of the task vectors from `src`: trim, elect, disjoint merge, theta0 + lambda *
 /// merged (see METHODS.md).
 ///
-/// Global scope, in two chunked passes over the task vectors: a magnitude histogram of every task
-/// (which places each task's threshold inside one bucket), then the merge itself, with the few
-/// entries whose trim depends on where the threshold falls inside its bucket set aside with their
-/// task values and settled once the exact thresholds are known. The result is bitwise the same as
-/// trimming with exact thresholds first (tested); when the buckets hold more entries than
-/// [`deferral_limit`], that is what it does (one more pass).
+/// Global scope, in one chunked pass over the task vectors: per task a window around its
+/// threshold from a small sample of its entries ([`SAMPLING`]), then the merge itself, which
+/// counts the entries below each window and sets aside, with their task values, the few entries
+/// whose trim depends on where the threshold falls inside a window; those are settled once the
+/// exact thresholds are known. The result is bitwise the same as trimming with exact thresholds
+/// first (tested). When a threshold turns out not to lie in its window, or more than
+/// [`deferral_limit`] entries are deferred, the merge takes the exact path instead: a magnitude
+/// histogram of every task, a pass that collects the members of each threshold's bucket, and the
+/// merge pass with the exact thresholds.
 pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
-    ties_with_limit(flat, src, opt, deferral_limit(flat.total()))
+    ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING).0
 }
 
-fn ties_with_limit(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, limit: usize) -> ParamSet<'static> {
-    let (trim, mut pass) = match opt.scope {
+/// Which way [`ties_with`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Tensor,
+    Sampled,
+    Exact,
+}
+
+fn ties_with(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    opt: &TiesOptions,
+    limit: usize,
+    sampling: Sampling,
+) -> (ParamSet<'static>, Path) {
+    let (trim, mut pass, path) = match opt.scope {
         Scope::Tensor => {
             let trim = Trim::Tensor(tensor_keys(flat, src, opt.k));
-            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim));
-            (trim, pass)
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), usize::MAX);
+            (trim, pass, Path::Tensor)
         }
         Scope::Global => {
-            let hist = magnitude_histograms(flat, src);
-            let bands = bands(flat, &hist, opt.k);
-            drop(hist);
-            if bands.iter().map(|b| b.count).sum::<usize>() <= limit {
-                let mut pass = merge_pass(flat, src, opt, Mode::Bands(&bands));
-                let thresholds = settle(flat, &bands, opt, &mut pass);
-                (Trim::Global(thresholds), pass)
-            } else {
-                let trim = Trim::Global(band_thresholds(flat, src, &bands));
-                let pass = merge_pass(flat, src, opt, Mode::Exact(&trim));
-                (trim, pass)
+            let sampled = threshold_rank(flat.total(), opt.k).map_or_else(
+                || {
+                    let windows = vec![None; flat.tasks()];
+                    let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), usize::MAX);
+                    Some((Trim::Global(vec![None; flat.tasks()]), pass))
+                },
+                |q| {
+                    let windows: Vec<Option<Window>> =
+                        sample_windows(flat, src, q, sampling).into_iter().map(Some).collect();
+                    let mut pass = merge_pass(flat, src, opt, Mode::Windows(&windows), limit);
+                    if pass.overflow {
+                        return None;
+                    }
+                    settle(flat, &windows, q, opt, &mut pass).map(|thr| (Trim::Global(thr), pass))
+                },
+            );
+            match sampled {
+                Some((trim, pass)) => (trim, pass, Path::Sampled),
+                None => {
+                    let hist = magnitude_histograms(flat, src);
+                    let bands = bands(flat, &hist, opt.k);
+                    drop(hist);
+                    let trim = Trim::Global(band_thresholds(flat, src, &bands));
+                    let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), usize::MAX);
+                    (trim, pass, Path::Exact)
+                }
             }
         }
     };
     resolve_undecided(flat, src, &trim, opt, &mut pass);
-    flat.output(pass.values)
+    (flat.output(pass.values), path)
 }
 
 #[inline]
@@ -1078,17 +1220,42 @@ mod tests {
         out
     }
 
+    /// The output entry from the trimmed values at one entry and its elected sign `e`, as
+    /// METHODS.md states the disjoint merge (the kernel must give the same bits).
+    #[inline]
+    fn merged_entry(base: f32, xs: &[f32], e: f32, opt: &TiesOptions) -> f32 {
+        let mut a = 0.0f32;
+        let mut c = 0.0f32;
+        for &x in xs {
+            let keep = x * e > 0.0;
+            a += if keep { x } else { 0.0 };
+            c += if keep { 1.0 } else { 0.0 };
+        }
+        match opt.aggregate {
+            Aggregate::Sum => base + opt.lambda * a,
+            Aggregate::Mean => base + opt.lambda * (a / c.max(1.0)),
+        }
+    }
+
     fn bits(p: &ParamSet<'_>, names: &[String]) -> Vec<Vec<u32>> {
         names.iter().map(|n| values(p, n).iter().map(|x| x.to_bits()).collect()).collect()
     }
 
-    /// The two-pass kernel with deferred band entries, the three-pass kernel (exact thresholds
-    /// first) and the naive reference agree bit for bit: dense and sparse task vectors, repeated
-    /// magnitudes, a threshold among the zeros, tensors that end mid-chunk, both aggregations, the
-    /// plain and a masked source.
+    /// The sampled path (windows, deferred entries settled at the end), the exact path (histogram,
+    /// bucket members, exact pass) and the naive reference agree bit for bit: dense and sparse task
+    /// vectors, repeated magnitudes, a threshold among the zeros, tensors that end mid-chunk, both
+    /// aggregations, the plain and a masked source, k from the tails to 1; also with windows forced
+    /// narrow (no margin), windows that miss the threshold from above and from below (the exact
+    /// path takes over), and a deferral limit of 0.
     #[test]
-    fn deferred_bands_equal_exact_thresholds_and_the_naive_reference() {
+    fn sampled_windows_equal_exact_thresholds_and_the_naive_reference() {
         let sizes = [(5000usize, "a"), (37, "b"), (CHUNK * 2 + 3, "c"), (1, "d")];
+        // Sparse: one block in 256 entries (the default samples every entry of a set this small).
+        let sparse = Sampling { stride: 256, full: 0, ..SAMPLING };
+        let narrow = Sampling { z: 0.0, slack: 0.0, ..sparse };
+        let above = Sampling { shift: 1e12, ..sparse };
+        let below = Sampling { shift: -1e12, ..sparse };
+        let mut paths = Vec::new();
         for (case, zero_share) in [(0u64, 0.0f32), (1, 0.3), (2, 0.9)] {
             let mut rng = crate::rng::stream(case, &[b"ties-kernel-test"]);
             let tasks = 5;
@@ -1115,19 +1282,82 @@ mod tests {
             let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
             let flat = Flat::new(&input);
             let masked = Masked(&flat);
-            for k in [0.2, 0.05, 0.73, 1.0] {
+            for k in [0.2, 0.05, 0.73, 0.9999, 1e-4, 1.0] {
                 for aggregate in [Aggregate::Sum, Aggregate::Mean] {
                     let opt = TiesOptions { k, lambda: 0.3, aggregate, scope: Scope::Global };
                     for src in [&flat as &dyn TaskVectors, &masked] {
-                        let fused = bits(&ties_with_limit(&flat, src, &opt, usize::MAX), &names);
-                        let exact = bits(&ties_with_limit(&flat, src, &opt, 0), &names);
                         let reference: Vec<Vec<u32>> =
                             naive(&flat, src, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
-                        assert_eq!(fused, exact, "case {case} k {k} {aggregate:?}: fused vs exact");
-                        assert_eq!(fused, reference, "case {case} k {k} {aggregate:?}: fused vs naive");
+                        let runs = [
+                            ("sampled", usize::MAX, sparse),
+                            ("default", usize::MAX, SAMPLING),
+                            ("limit 0", 0, SAMPLING),
+                            ("narrow", usize::MAX, narrow),
+                            ("above", usize::MAX, above),
+                            ("below", usize::MAX, below),
+                        ];
+                        for (what, limit, sampling) in runs {
+                            let (out, path) = ties_with(&flat, src, &opt, limit, sampling);
+                            assert_eq!(bits(&out, &names), reference, "case {case} k {k} {aggregate:?} {what}");
+                            paths.push((case, k, what, path));
+                        }
                     }
                 }
             }
         }
+        let took = |what: &str, path: Path| paths.iter().filter(|p| p.2 == what && p.3 == path).count();
+        // k = 1 keeps everything (no threshold, nothing deferred): the sampled path every time.
+        assert!(paths.iter().filter(|p| p.1 == 1.0).all(|p| p.3 == Path::Sampled), "{paths:?}");
+        // Every other run of the default and of the sparse sampling stays on the sampled path ...
+        assert_eq!(took("sampled", Path::Exact) + took("default", Path::Exact), 0, "{paths:?}");
+        // ... and a window above the threshold always falls back, as does a deferral limit of 0
+        // when something is deferred.
+        assert!(paths.iter().filter(|p| p.2 == "above" && p.1 < 1.0).all(|p| p.3 == Path::Exact), "{paths:?}");
+        assert!(took("limit 0", Path::Exact) > 0 && took("below", Path::Exact) > 0, "{paths:?}");
+        // A window below the threshold falls back too, except where the threshold is among the
+        // zeros (the window then starts at 1 and the count of zeros places it).
+        assert!(took("below", Path::Sampled) > 6, "{paths:?}");
+    }
+
+    /// On a larger set (the default sample then reads 1/32 of the entries) the default windows hold
+    /// the thresholds and few entries are deferred; the result equals the naive reference.
+    #[test]
+    fn sampled_windows_hold_the_threshold_on_a_larger_set() {
+        let mut rng = crate::rng::stream(9, &[b"ties-sample-test"]);
+        let n = 400_000;
+        let tasks = 3;
+        // Tensors of different scales, so that a sample must cover all of them.
+        let scales = [1.0f32, 0.01, 0.3, 3.0];
+        let base_v: Vec<Vec<f32>> =
+            scales.iter().map(|_| (0..n / 4).map(|_| rng.random::<f32>() - 0.5).collect()).collect();
+        let tensor_names = ["a", "b", "c", "d"];
+        let shape = [n / 4];
+        let base = set(&tensor_names.iter().zip(&base_v).map(|(nm, v)| (*nm, &shape[..], &v[..])).collect::<Vec<_>>());
+        let model_v: Vec<Vec<Vec<f32>>> = (0..tasks)
+            .map(|_| {
+                base_v
+                    .iter()
+                    .zip(scales)
+                    .map(|(b, sc)| b.iter().map(|&x| x + sc * (rng.random::<f32>() - 0.5)).collect())
+                    .collect()
+            })
+            .collect();
+        let models: Vec<ParamSet<'static>> = model_v
+            .iter()
+            .map(|m| set(&tensor_names.iter().zip(m).map(|(nm, v)| (*nm, &shape[..], &v[..])).collect::<Vec<_>>()))
+            .collect();
+        let names = names(&base);
+        let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
+        let flat = Flat::new(&input);
+        let opt = TiesOptions { k: 0.2, lambda: 0.3, aggregate: Aggregate::Sum, scope: Scope::Global };
+        let q = threshold_rank(flat.total(), opt.k).unwrap();
+        let windows: Vec<Option<Window>> = sample_windows(&flat, &flat, q, SAMPLING).into_iter().map(Some).collect();
+        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), usize::MAX);
+        assert!(pass.deferred.at.len() < n / 5, "{} deferred of {n}", pass.deferred.at.len());
+        let (out, path) = ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING);
+        assert_eq!(path, Path::Sampled);
+        let reference: Vec<Vec<u32>> =
+            naive(&flat, &flat, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
+        assert_eq!(bits(&out, &names), reference);
     }
 }
