@@ -735,6 +735,7 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
     let mut flags = vec![0u32; CHUNK];
     let mut tmp = vec![0.0f32; CHUNK];
     let mut below = vec![[0u32; TIES_LANES]; tasks];
+    let mut picked: Vec<usize> = Vec::with_capacity(CHUNK);
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     let mut deferred = Deferred { at: Vec::new(), base: Vec::new(), values: vec![Vec::new(); tasks] };
@@ -766,7 +767,9 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
             };
             sign_total += i64::from(total);
             out.extend_from_slice(o);
-            // Flags are rare: skip groups of 16 with none set.
+            // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
+            // are listed first, then copied task by task.
+            picked.clear();
             for (g, fs) in flags.chunks(16).enumerate() {
                 if fs.iter().fold(0, |a, &f| a | f) == 0 {
                     continue;
@@ -776,12 +779,15 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
                         undecided.push((kk, off + i));
                     }
                     if f & DEFERRED != 0 {
-                        deferred.at.push((kk as u32, (off + i) as u32));
-                        deferred.base.push(base[i]);
-                        for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(&cuts) {
-                            col.push(cut(m[i] - rows.sub[i], c));
-                        }
+                        picked.push(i);
                     }
+                }
+            }
+            if !picked.is_empty() {
+                deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + i) as u32)));
+                deferred.base.extend(picked.iter().map(|&i| base[i]));
+                for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(&cuts) {
+                    col.extend(picked.iter().map(|&i| cut(m[i] - rows.sub[i], c)));
                 }
             }
             if deferred.at.len() > limit {
@@ -938,11 +944,8 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
     let center = p * n_s as f64 + s.shift;
     let margin = s.z * libm::sqrt(n_s as f64 * p * (1.0 - p)) + s.slack;
     let (lo_r, hi_r) = (libm::floor(center - margin), libm::ceil(center + margin));
-    // Block by block, every task at once: the blocks are far apart (cache misses), and the reads
-    // of one block's rows are independent, so they overlap.
-    let tasks = flat.tasks();
-    let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(n_s)).collect();
-    let mut buf = [0.0f32; SAMPLE_BLOCK];
+    // The blocks as pieces of tensors: (tensor, offset, length).
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::with_capacity(blocks.len() + flat.names.len());
     let mut k = 0;
     for &(mut g, mut left) in &blocks {
         while left > 0 {
@@ -951,12 +954,24 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
             }
             let off = g - offsets[k];
             let n = left.min(flat.len(k) - off);
-            for (t, sample) in samples.iter_mut().enumerate() {
-                src.fill(t, k, off, &mut buf[..n]);
-                sample.extend(buf[..n].iter().map(|x| x.abs().to_bits()));
-            }
+            pieces.push((k, off, n));
             g += n;
             left -= n;
+        }
+    }
+    // Piece by piece, every task at once (the pieces are far apart in memory; one piece's rows are
+    // independent reads whose cache misses overlap).
+    let tasks = flat.tasks();
+    let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(n_s)).collect();
+    let mut buf = [0.0f32; SAMPLE_BLOCK];
+    let mut bits = [0u32; SAMPLE_BLOCK];
+    for &(k, off, n) in &pieces {
+        for (t, sample) in samples.iter_mut().enumerate() {
+            src.fill(t, k, off, &mut buf[..n]);
+            for (b, x) in bits.iter_mut().zip(&buf) {
+                *b = x.abs().to_bits();
+            }
+            sample.extend_from_slice(&bits[..n]);
         }
     }
     samples
