@@ -73,12 +73,22 @@ fn memory_only(cfg: &ClipVisionConfig, opts: &RuntimeOptions, batch: usize, fed:
     let g = model.loss_grad(x.view(), &labels).unwrap();
     let grad = t.elapsed();
     phases.push(format!("forward_input_grad={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN)));
-    let (t, c0) = (Instant::now(), cpu_s());
-    let g2 = model.loss_grad(x.view(), &labels).unwrap();
-    let (grad2, grad2_cpu) = (t.elapsed(), cpu_s() - c0);
-    let (t, c0) = (Instant::now(), cpu_s());
-    model.logits(x.view()).unwrap();
-    let (fwd2, fwd2_cpu) = (t.elapsed(), cpu_s() - c0);
+    // Best of MERGEATTACK_BENCH_REPS (default 1) further runs of each.
+    let reps = env_usize("MERGEATTACK_BENCH_REPS", 1).max(1);
+    let (mut grad2, mut grad2_cpu, mut fwd2, mut fwd2_cpu) =
+        (Duration::MAX, f64::INFINITY, Duration::MAX, f64::INFINITY);
+    let mut g2 = None;
+    for _ in 0..reps {
+        let (t, c0) = (Instant::now(), cpu_s());
+        g2 = Some(model.loss_grad(x.view(), &labels).unwrap());
+        grad2 = grad2.min(t.elapsed());
+        grad2_cpu = grad2_cpu.min(cpu_s() - c0);
+        let (t, c0) = (Instant::now(), cpu_s());
+        model.logits(x.view()).unwrap();
+        fwd2 = fwd2.min(t.elapsed());
+        fwd2_cpu = fwd2_cpu.min(cpu_s() - c0);
+    }
+    let g2 = g2.expect("at least one repetition");
     assert_eq!(g.grad, g2.grad, "repeatable");
     println!(
         "engine-memory-only updated_first={fed} threads={} batch={batch} peak_rss_mb={:.0} first_forward_s={:.2} \
@@ -107,11 +117,83 @@ fn cpu_s() -> f64 {
     f.get(11).zip(f.get(12)).map_or(f64::NAN, |(u, s)| (u + s) / 100.0)
 }
 
+/// `MERGEATTACK_BENCH_AB="cfgA;cfgB;.."`, each configuration a comma-separated list of `KEY=VALUE`
+/// environment settings in force while its model's sessions are made (e.g. `;MERGEATTACK_FED_WEIGHTS=1`:
+/// as is against weights fed per run): one model per configuration, forward + input gradient
+/// passes (forward only with MERGEATTACK_BENCH_AB_FWD set) alternated between them
+/// MERGEATTACK_BENCH_REPS times (default 5), then min and median wall and CPU seconds of each, and
+/// the largest difference of its outputs from the first configuration's. On a shared machine the
+/// comparison within one run is what counts.
+fn ab_compare(cfg: &ClipVisionConfig, opts: &RuntimeOptions, batch: usize, ab: &str) {
+    let (params, head) = random_model(cfg);
+    let x = images(batch, cfg);
+    let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
+    let reps = env_usize("MERGEATTACK_BENCH_REPS", 5);
+    let grad = std::env::var("MERGEATTACK_BENCH_AB_FWD").is_err();
+    let cfgs: Vec<&str> = ab.split(';').collect();
+    let mut models: Vec<Model> = Vec::new();
+    let mut reference = None;
+    for c in &cfgs {
+        let vars: Vec<(&str, &str)> = c.split(',').filter_map(|kv| kv.split_once('=')).collect();
+        // SAFETY: the process is single-threaded here (no session runs).
+        vars.iter().for_each(|(k, v)| unsafe { std::env::set_var(k, v) });
+        let mut m = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
+        // Sessions are made on first use: make both now, under this configuration.
+        m.logits(x.view()).unwrap();
+        let out = if grad {
+            m.loss_grad(x.view(), &labels).unwrap().grad.into_dyn()
+        } else {
+            m.logits(x.view()).unwrap().into_dyn()
+        };
+        let r = reference.get_or_insert_with(|| out.clone());
+        let diff = r.iter().zip(out.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = r.iter().map(|a| a.abs()).fold(0f32, f32::max);
+        println!("ab cfg={c:?} max_abs_diff_vs_first={diff:e} (max {scale:e})");
+        // SAFETY: as above.
+        vars.iter().for_each(|(k, _)| unsafe { std::env::remove_var(k) });
+        models.push(m);
+    }
+    let mut times: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cfgs.len()];
+    for _ in 0..reps {
+        for (i, m) in models.iter_mut().enumerate() {
+            let (t, c0) = (Instant::now(), cpu_s());
+            if grad {
+                black_box(m.loss_grad(x.view(), &labels).unwrap());
+            } else {
+                black_box(m.logits(x.view()).unwrap());
+            }
+            times[i].push((t.elapsed().as_secs_f64(), cpu_s() - c0));
+        }
+    }
+    for (c, t) in cfgs.iter().zip(&mut times) {
+        let mut w: Vec<f64> = t.iter().map(|v| v.0).collect();
+        let mut u: Vec<f64> = t.iter().map(|v| v.1).collect();
+        w.sort_by(f64::total_cmp);
+        u.sort_by(f64::total_cmp);
+        println!(
+            "ab cfg={c:?} wall min {:.3} med {:.3}  cpu min {:.2} med {:.2}",
+            w[0],
+            w[w.len() / 2],
+            u[0],
+            u[u.len() / 2]
+        );
+    }
+    println!(
+        "ab peak_rss_mb={:.0} load={}",
+        status_mb("VmHWM:").unwrap_or(f64::NAN),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+}
+
 fn engine(c: &mut Criterion) {
     let cfg = ClipVisionConfig::vit_b32();
     let threads = env_usize("MERGEATTACK_BENCH_THREADS", 2);
     let batch = env_usize("MERGEATTACK_BENCH_BATCH", 32);
     let opts = RuntimeOptions { threads, batch_size: batch, ..Default::default() };
+    if let Ok(ab) = std::env::var("MERGEATTACK_BENCH_AB") {
+        ab_compare(&cfg, &opts, batch, &ab);
+        std::process::exit(0);
+    }
     if let Ok(mode) = std::env::var("MERGEATTACK_BENCH_MEMORY") {
         memory_only(&cfg, &opts, batch, mode == "fed");
         std::process::exit(0);

@@ -181,6 +181,15 @@ impl BoundWeights {
         self.index.get(name).map(|&i| &*self.values[i].1)
     }
 
+    /// The shared value called `name`; a missing one is an error naming it.
+    fn value(&self, name: &str) -> Result<&Arc<DynValue>, RuntimeError> {
+        self.index.get(name).map(|&i| &self.values[i].1).ok_or_else(|| RuntimeError::MissingTensor {
+            name: name.into(),
+            source_name: "the bound weights".into(),
+            hint: String::new(),
+        })
+    }
+
     /// The shape `name` is bound with.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.index.get(name).map(|&i| self.shapes[i].as_slice())
@@ -291,6 +300,12 @@ fn session_builder(opts: &RuntimeOptions) -> Result<ort::session::builder::Sessi
     Ok(b)
 }
 
+/// `MERGEATTACK_FED_WEIGHTS=1` (a diagnostic for engine work, e.g. before/after comparisons in
+/// one benchmark run): CPU sessions feed every weight with each run, none pre-packs.
+fn fed_weights_forced() -> bool {
+    std::env::var_os("MERGEATTACK_FED_WEIGHTS").is_some_and(|v| v == "1")
+}
+
 /// `MERGEATTACK_ORT_PROFILE=<prefix>` (a diagnostic for engine work): every session writes ONNX
 /// Runtime's profile (`<prefix>-sN_<date>.json`, kernel times) and its optimised graph
 /// (`<prefix>-sN.onnx`: which fusions applied), N counting the sessions of the process.
@@ -385,6 +400,40 @@ pub fn create_session(
             .map_err(|e| RuntimeError::ort(format!("bind weight `{name}`"))(e.into()))?;
     }
     let (mut b, _used) = register_device(b, opts.device)?;
+    crate::graph::custom::commit(&mut b, bytes).map_err(RuntimeError::ort("create a session"))
+}
+
+/// A session for a graph from [`Graph::to_bytes_backward_weights_as_inputs`] whose forward reads
+/// `weights` as shared initializers (no copy; ONNX Runtime pre-packs them for its matrix products,
+/// once per model: `packed` holds the packed copies all such sessions of the model share) and
+/// whose backward nodes read them from the `.bwd` graph inputs fed with every run.
+///
+/// Constant folding is off: it would turn each `Transpose(W)` into a new, unshared initializer
+/// (a transposed copy per session, packed per session); without it ONNX Runtime fuses the
+/// transpose into its matrix product, which packs the shared `W` itself.
+fn create_packed_session(
+    bytes: &[u8],
+    weights: &BoundWeights,
+    required: &[(String, Vec<usize>)],
+    opts: &RuntimeOptions,
+    packed: &ort::session::builder::PrepackedWeights,
+) -> Result<Session, RuntimeError> {
+    let mut b = session_builder(opts)?;
+    b = b
+        .with_disabled_optimizers("ConstantFolding")
+        .map_err(|e| RuntimeError::ort("turn off constant folding")(e.into()))?;
+    for (name, _) in required {
+        let value = weights.value(name)?;
+        // The graph declares its weights as external data: bind that first (else ONNX Runtime
+        // looks for the file), then share the same buffer, which makes the packed copies shareable.
+        b = b
+            .with_external_initializer(name, Arc::clone(value))
+            .map_err(|e| RuntimeError::ort(format!("bind weight `{name}`"))(e.into()))?;
+        b = b
+            .with_initializer(name, Arc::clone(value))
+            .map_err(|e| RuntimeError::ort(format!("share weight `{name}`"))(e.into()))?;
+    }
+    b = b.with_prepacked_weights(packed).map_err(|e| RuntimeError::ort("share pre-packed weights")(e.into()))?;
     crate::graph::custom::commit(&mut b, bytes).map_err(RuntimeError::ort("create a session"))
 }
 
@@ -653,6 +702,11 @@ enum Purpose {
 }
 
 impl Purpose {
+    /// Whether sessions for this purpose pre-pack the weights (see [`create_packed_session`]).
+    fn packs_weights(self) -> bool {
+        matches!(self, Purpose::Forward | Purpose::LossGrad | Purpose::Vjp)
+    }
+
     fn outputs(self, surgery: Option<usize>) -> VisionOutputs {
         let mut o = VisionOutputs { logits: true, surgery, ..Default::default() };
         match self {
@@ -691,6 +745,10 @@ struct CachedGraph {
     bytes: Vec<u8>,
     /// The graph with its weights as inputs after the regular ones.
     fed_bytes: Vec<u8>,
+    /// The graph whose forward reads the weights as initializers and whose backward reads them
+    /// from inputs (`aliases`: input name, weight name).
+    packed_bytes: Vec<u8>,
+    aliases: Vec<(String, String)>,
     required: Vec<(String, Vec<usize>)>,
     outputs: Vec<String>,
 }
@@ -715,6 +773,8 @@ fn cached_graph(
     let entry = Arc::new(CachedGraph {
         bytes: g.to_bytes(),
         fed_bytes: g.to_bytes_weights_as_inputs(),
+        packed_bytes: g.to_bytes_backward_weights_as_inputs(),
+        aliases: g.backward_weight_aliases(),
         required: external_shapes(&g),
         outputs: g.output_names(),
     });
@@ -753,7 +813,9 @@ pub struct Model {
     surgery: Option<usize>,
     opts: RuntimeOptions,
     weights: BoundWeights,
-    sessions: HashMap<(Purpose, Subset), (Session, Arc<CachedGraph>)>,
+    sessions: HashMap<(Purpose, Subset), (Session, Arc<CachedGraph>, bool)>,
+    /// The pre-packed weights the packed sessions share (made with the first of them).
+    packed: Option<ort::session::builder::PrepackedWeights>,
     /// Weights fed as inputs with every run (the CPU); else bound as initializers at session
     /// creation (CUDA and auto: fed host weights would cross to the device on every run).
     fed: bool,
@@ -790,7 +852,17 @@ impl Model {
         let weights =
             BoundWeights::bind(&all_vision_weights_with_surgery(&config, classes, surgery), &all, name, hint)?;
         let fed = opts.device == Device::Cpu;
-        Ok(Model { config, classes, surgery, opts, weights, sessions: HashMap::new(), fed, name: name.into() })
+        Ok(Model {
+            config,
+            classes,
+            surgery,
+            opts,
+            weights,
+            sessions: HashMap::new(),
+            packed: None,
+            fed,
+            name: name.into(),
+        })
     }
 
     /// Load weights (see [`load_hf_params`]), the config (`config` or `config.json` beside the
@@ -833,13 +905,19 @@ impl Model {
         if !self.sessions.contains_key(&key) {
             let graph = cached_graph(&self.config, self.classes, self.surgery, purpose, subset)?;
             let t = std::time::Instant::now();
-            let s = if self.fed {
+            // The purposes attacks repeat read pre-packed weights in their forward (issue 3: 5-6%
+            // fewer CPU seconds per forward + input gradient on ViT-B/32); the rest stay fed.
+            let packed = self.fed && subset.is_none() && purpose.packs_weights() && !fed_weights_forced();
+            let s = if packed {
+                let pp = self.packed.get_or_insert_with(ort::session::builder::PrepackedWeights::new).clone();
+                create_packed_session(&graph.packed_bytes, &self.weights, &graph.required, &self.opts, &pp)?
+            } else if self.fed {
                 create_fed_session(&graph.fed_bytes, &self.opts)?
             } else {
                 create_session(&graph.bytes, &self.weights, Some(&graph.required), &self.opts)?
             };
             tracing::debug!("{:?} session for {} in {:.2?}", purpose, self.name, t.elapsed());
-            self.sessions.insert(key, (s, graph));
+            self.sessions.insert(key, (s, graph, packed));
         }
         Ok(())
     }
@@ -882,6 +960,10 @@ impl Model {
         }
         if !self.fed {
             self.sessions.clear();
+        } else {
+            // Packed sessions hold the old values (and their packed copies): remade on next use.
+            self.sessions.retain(|_, (_, _, packed)| !*packed);
+            self.packed = None;
         }
         for (i, t) in slots {
             self.weights.overwrite(i, t)?;
@@ -990,14 +1072,15 @@ impl Model {
         }
         self.session(purpose, subset)?;
         let key = (purpose, subset.clone());
-        let (session, graph) = self.sessions.get_mut(&key).expect("made above");
-        for (name, _) in graph.required.iter().filter(|_| self.fed) {
-            let v = self.weights.get(name).ok_or_else(|| RuntimeError::MissingTensor {
-                name: name.clone(),
-                source_name: "the bound weights".into(),
-                hint: String::new(),
-            })?;
-            inputs.push((name.clone().into(), v.into()));
+        let (session, graph, packed) = self.sessions.get_mut(&key).expect("made above");
+        if *packed {
+            for (input, name) in &graph.aliases {
+                inputs.push((input.clone().into(), (&**self.weights.value(name)?).into()));
+            }
+        } else if self.fed {
+            for (name, _) in &graph.required {
+                inputs.push((name.clone().into(), (&**self.weights.value(name)?).into()));
+            }
         }
         let out = session.run(inputs).map_err(RuntimeError::ort("run the model"))?;
         let mut res = Vec::with_capacity(outputs.len());

@@ -249,6 +249,10 @@ struct Init {
     data: Option<TensorData>,
 }
 
+/// Suffix of the graph inputs through which backward nodes read the weights in
+/// [`Graph::to_model_backward_weights_as_inputs`].
+pub const BACKWARD_ALIAS: &str = ".bwd";
+
 /// An ONNX graph under construction. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct Graph {
@@ -265,6 +269,8 @@ pub struct Graph {
     const_cache: HashMap<(Vec<usize>, ElemType, Vec<u8>), Value>,
     /// Backward passes use the fused kernels of [`custom`] (default on).
     fused_backward: bool,
+    /// Index of the first node a backward pass ([`Graph::vjp`]) appended, if any.
+    backward_from: Option<usize>,
 }
 
 fn attr_i(name: &str, i: i64) -> AttributeProto {
@@ -327,6 +333,7 @@ impl Graph {
             const_count: 0,
             const_cache: HashMap::new(),
             fused_backward: true,
+            backward_from: None,
         }
     }
 
@@ -1106,6 +1113,8 @@ impl Graph {
     /// Vector-Jacobian product: the gradient of `sum_i sum(seed_i * y_i)` with respect to each of
     /// `wrt`, for pairs `(y_i, seed_i)` of equal shapes.
     pub fn vjp(&mut self, seeds: &[(Value, Value)], wrt: &[Value]) -> Vec<Value> {
+        let start = self.nodes.len();
+        self.backward_from = Some(self.backward_from.map_or(start, |b| b.min(start)));
         autodiff::vjp(self, seeds, wrt)
     }
 
@@ -1164,7 +1173,64 @@ impl Graph {
         self.to_model_weights_as_inputs().encode_to_vec()
     }
 
+    /// The graph as an ONNX model whose external initializers (the weights) stay external
+    /// initializers for the forward nodes, while the backward nodes ([`Graph::vjp`]) read them
+    /// from graph inputs named `<weight>` + [`BACKWARD_ALIAS`] (listed by
+    /// [`Graph::backward_weight_aliases`]), fed with every run from the same buffers. ONNX Runtime
+    /// pre-packs the weights of MatMul-like nodes that read constant initializers (one packed copy
+    /// per orientation): the forward's packed `W^T` is then the only copy it makes, and sessions
+    /// given one pre-packed weights container share it. Equals [`Graph::to_model`] without a
+    /// backward pass.
+    pub fn to_model_backward_weights_as_inputs(&self) -> proto::ModelProto {
+        self.to_model_impl(false, true)
+    }
+
+    /// Serialised [`Graph::to_model_backward_weights_as_inputs`].
+    pub fn to_bytes_backward_weights_as_inputs(&self) -> Vec<u8> {
+        use prost::Message;
+        self.to_model_backward_weights_as_inputs().encode_to_vec()
+    }
+
+    /// `(graph input, weight)` pairs of [`Graph::to_model_backward_weights_as_inputs`]: the
+    /// external initializers backward nodes read, in initializer order.
+    pub fn backward_weight_aliases(&self) -> Vec<(String, String)> {
+        let read = self.backward_reads();
+        self.inits
+            .iter()
+            .filter(|i| i.data.is_none() && read[i.value.0])
+            .map(|i| (format!("{}{BACKWARD_ALIAS}", self.name(i.value)), self.name(i.value)))
+            .collect()
+    }
+
+    /// Values some backward node reads.
+    fn backward_reads(&self) -> Vec<bool> {
+        let mut read = vec![false; self.values.len()];
+        for n in self.nodes.iter().skip(self.backward_from.unwrap_or(self.nodes.len())) {
+            for i in &n.inputs {
+                read[i.0] = true;
+            }
+        }
+        read
+    }
+
     fn to_model_with(&self, weights_as_inputs: bool) -> proto::ModelProto {
+        self.to_model_impl(weights_as_inputs, false)
+    }
+
+    fn to_model_impl(&self, weights_as_inputs: bool, backward_alias: bool) -> proto::ModelProto {
+        let external = |v: Value| {
+            self.values[v.0].producer.is_none() && self.inits.iter().any(|i| i.value == v && i.data.is_none())
+        };
+        let aliased: Vec<bool> = if backward_alias {
+            let read = self.backward_reads();
+            (0..self.values.len()).map(|k| read[k] && external(Value(k))).collect()
+        } else {
+            vec![false; self.values.len()]
+        };
+        let from = self.backward_from.unwrap_or(self.nodes.len());
+        let input_name = |k: usize, v: Value| {
+            if k >= from && aliased[v.0] { format!("{}{BACKWARD_ALIAS}", self.name(v)) } else { self.name(v) }
+        };
         let mut used = vec![false; self.values.len()];
         for n in &self.nodes {
             for i in &n.inputs {
@@ -1179,7 +1245,7 @@ impl Graph {
             .iter()
             .enumerate()
             .map(|(k, n)| NodeProto {
-                input: n.inputs.iter().map(|&v| self.name(v)).collect(),
+                input: n.inputs.iter().map(|&v| input_name(k, v)).collect(),
                 output: n.outputs.iter().map(|&v| self.name(v)).collect(),
                 name: format!("n{k}_{}", n.op_type),
                 op_type: n.op_type.into(),
@@ -1228,6 +1294,12 @@ impl Graph {
                 .copied()
                 .chain(self.inits.iter().filter(|i| weights_as_inputs && i.data.is_none()).map(|i| i.value))
                 .map(|v| self.value_info(v, &self.name(v), true))
+                .chain(
+                    self.inits
+                        .iter()
+                        .filter(|i| aliased[i.value.0])
+                        .map(|i| self.value_info(i.value, &format!("{}{BACKWARD_ALIAS}", self.name(i.value)), true)),
+                )
                 .collect(),
             output: self
                 .outputs
