@@ -814,6 +814,8 @@ pub struct Model {
     opts: RuntimeOptions,
     weights: BoundWeights,
     sessions: HashMap<(Purpose, Subset), (Session, Arc<CachedGraph>, bool)>,
+    /// No session pre-packs (MERGEATTACK_FED_WEIGHTS=1 when the model was made; tests).
+    force_fed: bool,
     /// The pre-packed weights the packed sessions share (made with the first of them).
     packed: Option<ort::session::builder::PrepackedWeights>,
     /// Weights fed as inputs with every run (the CPU); else bound as initializers at session
@@ -859,6 +861,7 @@ impl Model {
             opts,
             weights,
             sessions: HashMap::new(),
+            force_fed: fed_weights_forced(),
             packed: None,
             fed,
             name: name.into(),
@@ -907,7 +910,7 @@ impl Model {
             let t = std::time::Instant::now();
             // The purposes attacks repeat read pre-packed weights in their forward (issue 3: 5-6%
             // fewer CPU seconds per forward + input gradient on ViT-B/32); the rest stay fed.
-            let packed = self.fed && subset.is_none() && purpose.packs_weights() && !fed_weights_forced();
+            let packed = self.fed && subset.is_none() && purpose.packs_weights() && !self.force_fed;
             let s = if packed {
                 let pp = self.packed.get_or_insert_with(ort::session::builder::PrepackedWeights::new).clone();
                 create_packed_session(&graph.packed_bytes, &self.weights, &graph.required, &self.opts, &pp)?
@@ -1376,6 +1379,45 @@ mod tests {
 
     fn images(n: usize) -> Array4<f32> {
         Array4::from_shape_fn((n, 3, 32, 32), |(i, c, h, w)| ((i * 31 + c * 7 + h * 5 + w * 3) % 23) as f32 / 22.0)
+    }
+
+    #[test]
+    fn packed_sessions_compute_what_fed_weights_compute() {
+        let x = images(5);
+        let labels = [0, 1, 2, 3, 4];
+        let (w, head, mut packed) = tiny(RuntimeOptions::default());
+        let mut fed =
+            Model::from_params(w.config.clone(), &w.params, head.view(), RuntimeOptions::default(), "t").unwrap();
+        fed.force_fed = true;
+        let gp = packed.loss_grad(x.view(), &labels).unwrap();
+        let gf = fed.loss_grad(x.view(), &labels).unwrap();
+        assert!(packed.sessions.values().all(|s| s.2) && fed.sessions.values().all(|s| !s.2), "session kinds");
+        assert!(packed.packed.is_some() && fed.packed.is_none());
+        let close = |p: &[f32], q: &[f32]| {
+            let m = q.iter().fold(0f32, |a, v| a.max(v.abs()));
+            p.iter().zip(q).all(|(u, v)| (u - v).abs() <= 1e-5 * m)
+        };
+        assert!(close(gp.logits.as_slice().unwrap(), gf.logits.as_slice().unwrap()), "logits");
+        assert!(close(gp.grad.as_slice().unwrap(), gf.grad.as_slice().unwrap()), "input gradients");
+        let d = Array2::from_shape_fn((5, packed.classes), |(i, j)| (i as f32 - j as f32) * 0.1);
+        let (_, vp) = packed.logits_vjp(x.view(), d.view()).unwrap();
+        let (_, vf) = fed.logits_vjp(x.view(), d.view()).unwrap();
+        assert!(close(vp.as_slice().unwrap(), vf.as_slice().unwrap()), "logits VJP");
+        // The gradient and VJP sessions read one pre-packed set; an update drops both, and the
+        // remade sessions compute bitwise what a fresh model with the new weights computes.
+        assert_eq!(packed.sessions.len(), 2);
+        let new = perturbed(&w.params, "vision_model.encoder.layers.0.mlp.fc1.weight", 0.05);
+        packed.update_weights(&new).unwrap();
+        assert!(packed.sessions.is_empty() && packed.packed.is_none());
+        let mut all = w.params.clone();
+        for (n, t) in new.iter() {
+            all.insert(n, t.clone());
+        }
+        let mut fresh =
+            Model::from_params(w.config.clone(), &all, head.view(), RuntimeOptions::default(), "t").unwrap();
+        let (a, b) = (packed.loss_grad(x.view(), &labels).unwrap(), fresh.loss_grad(x.view(), &labels).unwrap());
+        assert_eq!(a.grad, b.grad);
+        assert_ne!(a.grad, gp.grad, "the update reached the packed sessions");
     }
 
     #[test]

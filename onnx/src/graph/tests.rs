@@ -414,3 +414,45 @@ fn f32_layer_norm_gradients_from_saved_statistics_equal_the_f64_recomputation() 
         assert!((a - b).abs() <= 2e-5 * (1.0 + b.abs()), "f32 {a} vs f64 {b}");
     }
 }
+
+/// Packed-weight graphs: forward nodes read the weights as initializers, backward nodes through
+/// the `.bwd` inputs (only those weights they read); without a backward pass nothing changes.
+#[test]
+fn backward_nodes_read_weights_through_aliases() {
+    let mut g = Graph::new("alias", ElemType::F32);
+    let x = g.input("x", ElemType::F32, &dims(&[2, 3]));
+    let w = g.weight("w", &[4, 3]);
+    let b = g.weight("b", &[4]);
+    let gam = g.weight("gamma", &[4]);
+    let bet = g.weight("beta", &[4]);
+    let h = g.linear(x, w, Some(b));
+    let h = g.quick_gelu(h);
+    let y = g.layer_norm(h, gam, bet, 1e-5);
+    let l = g.sum_all(y);
+    g.output(l, "loss");
+    assert!(g.backward_weight_aliases().is_empty());
+    assert_eq!(g.to_bytes_backward_weights_as_inputs(), g.to_bytes());
+    let forward_nodes = g.nodes.len();
+    let dx = g.grad(l, &[x])[0];
+    g.output(dx, "dx");
+    let aliases = g.backward_weight_aliases();
+    let want: Vec<(String, String)> =
+        ["w", "gamma"].iter().map(|n| (format!("{n}{}", super::BACKWARD_ALIAS), n.to_string())).collect();
+    assert_eq!(aliases, want, "the linear's weight and the LayerNorm scale; not the biases");
+    let m = g.to_model_backward_weights_as_inputs().graph.expect("graph");
+    let inputs: Vec<&str> = m.input.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(inputs, ["x", "w.bwd", "gamma.bwd"]);
+    let inits: Vec<&str> = m.initializer.iter().map(|i| i.name.as_str()).filter(|n| !n.starts_with('_')).collect();
+    for wt in ["w", "b", "gamma", "beta"] {
+        assert!(inits.contains(&wt), "{wt} stays an initializer ({inits:?})");
+    }
+    for (k, n) in m.node.iter().enumerate() {
+        let reads = |name: &str| n.input.iter().any(|i| i == name);
+        if k < forward_nodes {
+            assert!(!reads("w.bwd") && !reads("gamma.bwd"), "forward node {} reads an alias", n.name);
+        } else {
+            assert!(!reads("w") && !reads("gamma"), "backward node {} reads an initializer", n.name);
+        }
+    }
+    assert!(m.node.iter().skip(forward_nodes).any(|n| n.input.iter().any(|i| i == "w.bwd")));
+}
