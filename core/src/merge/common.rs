@@ -711,9 +711,16 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(
 }
 
 /// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s windows leave
-/// undecided are written provisionally and listed in `deferred` (at most `limit` of them: past that
-/// the pass stops with `overflow` set).
-fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: Mode<'_>, limit: usize) -> PassOut {
+/// undecided are written provisionally and listed in `deferred` (room made for `expected` of them
+/// at the start; at most `limit`: past that the pass stops with `overflow` set).
+fn merge_pass(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    opt: &TiesOptions,
+    mode: Mode<'_>,
+    expected: usize,
+    limit: usize,
+) -> PassOut {
     let tasks = flat.tasks();
     // Tensor scope trims by per-entry keys: those rows are filled and trimmed first.
     let pre = match mode {
@@ -738,7 +745,12 @@ fn merge_pass(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions, mode: M
     let mut picked: Vec<usize> = Vec::with_capacity(CHUNK);
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
-    let mut deferred = Deferred { at: Vec::new(), base: Vec::new(), values: vec![Vec::new(); tasks] };
+    let room = expected.min(limit);
+    let mut deferred = Deferred {
+        at: Vec::with_capacity(room),
+        base: Vec::with_capacity(room),
+        values: (0..tasks).map(|_| Vec::with_capacity(room)).collect(),
+    };
     let mut values = Vec::with_capacity(flat.names.len());
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
@@ -924,7 +936,9 @@ fn threshold_rank(d: usize, k: f64) -> Option<usize> {
 
 /// Per task, a window that holds its threshold (rank `q`) with high probability, from the order
 /// statistics of a sample of its abs values (the same deterministic positions for every task).
-fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> Vec<Window> {
+/// Also returns the number of entries the merge pass can be expected to defer (those with some task's
+/// value inside its window), estimated from the sample.
+fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> (Vec<Window>, f64) {
     use rand::RngExt;
     let d = flat.total();
     let stride = if d <= s.full { SAMPLE_BLOCK } else { s.stride.max(SAMPLE_BLOCK) };
@@ -974,16 +988,19 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
             sample.extend_from_slice(&bits[..n]);
         }
     }
-    samples
-        .iter_mut()
+    let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
+    let windows: Vec<Window> = samples
+        .iter()
         .map(|sample| {
+            scratch.clear();
+            scratch.extend_from_slice(sample);
             let (lo, right) = if lo_r < 0.0 {
-                (1, &mut sample[..])
+                (1, &mut scratch[..])
             } else if (lo_r as usize) < n_s {
-                let (_, &mut lo, right) = sample.select_nth_unstable(lo_r as usize);
+                let (_, &mut lo, right) = scratch.select_nth_unstable(lo_r as usize);
                 (lo.max(1), right)
             } else {
-                (0x8000_0000, &mut sample[n_s..])
+                (0x8000_0000, &mut scratch[n_s..])
             };
             let hi = if hi_r < 0.0 {
                 0
@@ -993,7 +1010,16 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
             };
             Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
         })
-        .collect()
+        .collect();
+    // The sampled entries (same positions in every task) with some value inside its window.
+    let mut inside = vec![false; n_s];
+    for (sample, w) in samples.iter().zip(&windows) {
+        for (f, &bits) in inside.iter_mut().zip(sample) {
+            *f |= bits >= w.lo && bits < w.hi;
+        }
+    }
+    let hits = inside.iter().filter(|&&f| f).count();
+    (windows, hits as f64 * d as f64 / n_s.max(1) as f64)
 }
 
 /// The TIES merge of the task vectors from `src`: trim, elect, disjoint merge, theta0 + lambda *
@@ -1004,10 +1030,11 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
 /// counts the entries below each window and sets aside, with their task values, the few entries
 /// whose trim depends on where the threshold falls inside a window; those are settled once the
 /// exact thresholds are known. The result is bitwise the same as trimming with exact thresholds
-/// first (tested). When a threshold turns out not to lie in its window, or more than
-/// [`deferral_limit`] entries are deferred, the merge takes the exact path instead: a magnitude
-/// histogram of every task, a pass that collects the members of each threshold's bucket, and the
-/// merge pass with the exact thresholds.
+/// first (tested). When a threshold turns out not to lie in its window, or the sample predicts (or
+/// the pass meets) more than [`deferral_limit`] deferred entries, a full magnitude histogram of
+/// every task gives the windows instead (one bucket each, which cannot miss), and when those hold
+/// too many entries, the exact path runs: a pass that collects the members of each threshold's
+/// bucket, then the merge pass with the exact thresholds.
 pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
     ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING).0
 }
@@ -1015,9 +1042,32 @@ pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) ->
 /// Which way [`ties_with`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
+    /// Per-tensor trim (exact keys first).
     Tensor,
+    /// Global trim, sampled windows.
     Sampled,
+    /// Global trim, windows from the buckets of a full magnitude histogram.
+    Histogram,
+    /// Global trim, exact thresholds first.
     Exact,
+}
+
+/// The window pass and its settling; None when a threshold is not in its window or the pass
+/// deferred more than `limit` entries.
+fn window_pass(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    opt: &TiesOptions,
+    windows: &[Option<Window>],
+    q: usize,
+    expected: usize,
+    limit: usize,
+) -> Option<(Trim, PassOut)> {
+    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), expected, limit);
+    if pass.overflow {
+        return None;
+    }
+    settle(flat, windows, q, opt, &mut pass).map(|thr| (Trim::Global(thr), pass))
 }
 
 fn ties_with(
@@ -1027,38 +1077,50 @@ fn ties_with(
     limit: usize,
     sampling: Sampling,
 ) -> (ParamSet<'static>, Path) {
-    let (trim, mut pass, path) = match opt.scope {
-        Scope::Tensor => {
+    let tasks = flat.tasks();
+    let (trim, mut pass, path) = match (opt.scope, threshold_rank(flat.total(), opt.k)) {
+        (Scope::Tensor, _) => {
             let trim = Trim::Tensor(tensor_keys(flat, src, opt.k));
-            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), usize::MAX);
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX);
             (trim, pass, Path::Tensor)
         }
-        Scope::Global => {
-            let sampled = threshold_rank(flat.total(), opt.k).map_or_else(
-                || {
-                    let windows = vec![None; flat.tasks()];
-                    let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), usize::MAX);
-                    Some((Trim::Global(vec![None; flat.tasks()]), pass))
-                },
-                |q| {
-                    let windows: Vec<Option<Window>> =
-                        sample_windows(flat, src, q, sampling).into_iter().map(Some).collect();
-                    let mut pass = merge_pass(flat, src, opt, Mode::Windows(&windows), limit);
-                    if pass.overflow {
-                        return None;
-                    }
-                    settle(flat, &windows, q, opt, &mut pass).map(|thr| (Trim::Global(thr), pass))
-                },
-            );
+        (Scope::Global, None) => {
+            // Nothing trimmed, nothing deferred.
+            let windows = vec![None; tasks];
+            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), 0, usize::MAX);
+            (Trim::Global(vec![None; tasks]), pass, Path::Sampled)
+        }
+        (Scope::Global, Some(q)) => {
+            let (windows, expected) = sample_windows(flat, src, q, sampling);
+            let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
+            let sampled = if expected <= limit as f64 {
+                // Room for a few more than the sample's estimate.
+                let room = (expected * 1.05) as usize + 1024;
+                window_pass(flat, src, opt, &windows, q, room, limit)
+            } else {
+                None
+            };
             match sampled {
                 Some((trim, pass)) => (trim, pass, Path::Sampled),
                 None => {
+                    // A full histogram places each threshold in one bucket: those are the windows
+                    // (they cannot miss), unless they hold too many entries to defer.
                     let hist = magnitude_histograms(flat, src);
                     let bands = bands(flat, &hist, opt.k);
                     drop(hist);
-                    let trim = Trim::Global(band_thresholds(flat, src, &bands));
-                    let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), usize::MAX);
-                    (trim, pass, Path::Exact)
+                    let windows: Vec<Option<Window>> =
+                        bands.iter().map(|b| Some(Window { lo: b.lo.max(1), hi: b.hi })).collect();
+                    let counted = bands.iter().map(|b| b.count).sum::<usize>();
+                    let bucketed =
+                        if counted <= limit { window_pass(flat, src, opt, &windows, q, counted, limit) } else { None };
+                    match bucketed {
+                        Some((trim, pass)) => (trim, pass, Path::Histogram),
+                        None => {
+                            let trim = Trim::Global(band_thresholds(flat, src, &bands));
+                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX);
+                            (trim, pass, Path::Exact)
+                        }
+                    }
                 }
             }
         }
@@ -1270,6 +1332,7 @@ mod tests {
         let narrow = Sampling { z: 0.0, slack: 0.0, ..sparse };
         let above = Sampling { shift: 1e12, ..sparse };
         let below = Sampling { shift: -1e12, ..sparse };
+        let wide = Sampling { z: 1e9, ..sparse };
         let mut paths = Vec::new();
         for (case, zero_share) in [(0u64, 0.0f32), (1, 0.3), (2, 0.9)] {
             let mut rng = crate::rng::stream(case, &[b"ties-kernel-test"]);
@@ -1310,6 +1373,7 @@ mod tests {
                             ("narrow", usize::MAX, narrow),
                             ("above", usize::MAX, above),
                             ("below", usize::MAX, below),
+                            ("wide", flat.total() / 2, wide),
                         ];
                         for (what, limit, sampling) in runs {
                             let (out, path) = ties_with(&flat, src, &opt, limit, sampling);
@@ -1325,13 +1389,18 @@ mod tests {
         assert!(paths.iter().filter(|p| p.1 == 1.0).all(|p| p.3 == Path::Sampled), "{paths:?}");
         // Every other run of the default and of the sparse sampling stays on the sampled path ...
         assert_eq!(took("sampled", Path::Exact) + took("default", Path::Exact), 0, "{paths:?}");
-        // ... and a window above the threshold always falls back, as does a deferral limit of 0
-        // when something is deferred.
-        assert!(paths.iter().filter(|p| p.2 == "above" && p.1 < 1.0).all(|p| p.3 == Path::Exact), "{paths:?}");
-        assert!(took("limit 0", Path::Exact) > 0 && took("below", Path::Exact) > 0, "{paths:?}");
-        // A window below the threshold falls back too, except where the threshold is among the
-        // zeros (the window then starts at 1 and the count of zeros places it).
-        assert!(took("below", Path::Sampled) > 6, "{paths:?}");
+        // ... a window above the threshold always falls back to the histogram's windows; a
+        // deferral limit of 0 leads to the exact thresholds (unless nothing is deferred, as with
+        // a threshold among the zeros), and a window predicted to defer more than the limit to
+        // the histogram's windows or the exact thresholds ...
+        let trimmed = |what: &'static str| paths.iter().filter(move |p| p.2 == what && p.1 < 1.0);
+        assert!(trimmed("above").all(|p| p.3 == Path::Histogram), "{paths:?}");
+        assert!(trimmed("limit 0").all(|p| p.3 != Path::Histogram), "{paths:?}");
+        assert!(took("limit 0", Path::Exact) > 20 && took("wide", Path::Histogram) > 10, "{paths:?}");
+        assert!(took("wide", Path::Exact) > 0, "{paths:?}");
+        // ... and a window below the threshold too, except where the threshold is among the zeros
+        // (the window then starts at 1 and the count of zeros places it).
+        assert!(took("below", Path::Histogram) > 0 && took("below", Path::Sampled) > 6, "{paths:?}");
     }
 
     /// On a larger set (the default sample then reads 1/32 of the entries) the default windows hold
@@ -1366,9 +1435,13 @@ mod tests {
         let flat = Flat::new(&input);
         let opt = TiesOptions { k: 0.2, lambda: 0.3, aggregate: Aggregate::Sum, scope: Scope::Global };
         let q = threshold_rank(flat.total(), opt.k).unwrap();
-        let windows: Vec<Option<Window>> = sample_windows(&flat, &flat, q, SAMPLING).into_iter().map(Some).collect();
-        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), usize::MAX);
-        assert!(pass.deferred.at.len() < n / 5, "{} deferred of {n}", pass.deferred.at.len());
+        let (windows, expected) = sample_windows(&flat, &flat, q, SAMPLING);
+        let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
+        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), 0, usize::MAX);
+        let deferred = pass.deferred.at.len();
+        assert!(deferred < n / 5, "{deferred} deferred of {n}");
+        // The sample's estimate of the deferred entries is close.
+        assert!((expected - deferred as f64).abs() < 0.2 * deferred as f64, "{expected} expected, {deferred} deferred");
         let (out, path) = ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING);
         assert_eq!(path, Path::Sampled);
         let reference: Vec<Vec<u32>> =
