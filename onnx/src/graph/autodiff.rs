@@ -35,6 +35,9 @@ pub(super) fn vjp(g: &mut Graph, seeds: &[(Value, Value)], wrt: &[Value]) -> Vec
         if matches!(g.nodes[k].op, Op::LayerNorm { .. }) && g.elem(g.nodes[k].inputs[0]) == super::ElemType::F32 {
             g.layer_norm_stats(k);
         }
+        if matches!(g.nodes[k].op, Op::QuickGelu(_)) && g.fused_backward() {
+            g.fuse_quick_gelu(k);
+        }
         let node = g.nodes[k].clone();
         let need: Vec<bool> = node.inputs.iter().map(|i| dep[i.0] && g.elem(*i).is_float()).collect();
         if !need.iter().any(|&b| b) {
@@ -136,14 +139,12 @@ fn rule(g: &mut Graph, node: &Node, dys: &[Option<Value>], need: &[bool]) -> Vec
             });
             vec![da, db]
         }
-        Op::QuickGelu(_) if g.fused_backward() => {
-            // The whole derivative of x * sigmoid(z), z = alpha x, in x in one kernel from z and s
-            // (the forward's values: exact alpha in any float type); s gets nothing, so the
-            // forward's Sigmoid and scaling are not differentiated again.
-            let sig = g.values[b.0].producer.expect("quick_gelu's s comes from a Sigmoid node");
-            assert_eq!(g.nodes[sig].op, Op::Sigmoid, "quick_gelu's s comes from a Sigmoid node");
-            let z = g.nodes[sig].inputs[0];
-            vec![Some(g.fused_node("QuickGeluGrad", &[dy, z, b], vec![], a)), None]
+        Op::QuickGelu(alpha) if g.fused_backward() => {
+            // The forward node was fused ([`Graph::fuse_quick_gelu`]): inputs [x], outputs [y, s].
+            // The whole derivative in x in one kernel from x and s.
+            let s = node.outputs[1];
+            let attrs = vec![super::attr_s("alpha", &alpha.to_string())];
+            vec![Some(g.fused_node("QuickGeluGrad", &[dy, a, s], attrs, a))]
         }
         Op::Mul | Op::QuickGelu(_) => {
             let da = need[0].then(|| {

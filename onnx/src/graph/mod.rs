@@ -282,7 +282,7 @@ pub(crate) fn attr_f(name: &str, f: f32) -> AttributeProto {
 fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     AttributeProto { name: name.into(), ints: ints.to_vec(), r#type: attribute_type::INTS, ..Default::default() }
 }
-fn attr_s(name: &str, s: &str) -> AttributeProto {
+pub(crate) fn attr_s(name: &str, s: &str) -> AttributeProto {
     AttributeProto { name: name.into(), s: s.as_bytes().to_vec(), r#type: attribute_type::STRING, ..Default::default() }
 }
 fn attr_t(name: &str, t: TensorProto) -> AttributeProto {
@@ -1024,6 +1024,36 @@ impl Graph {
         (self.nodes[k].outputs[1], self.nodes[k].outputs[2])
     }
 
+    /// Turn quick_gelu node `k` (`Mul(x, s)`, `s = Sigmoid(Mul(x, alpha))`) into one
+    /// `QuickGeluWithSigmoid(x) -> [y, s]` node of [`custom::DOMAIN`] (gradient graphs with fused
+    /// kernels: the backward reads x and s). The Sigmoid and scaling nodes are left without
+    /// consumers and are not serialised. Does nothing to a node already fused.
+    pub(crate) fn fuse_quick_gelu(&mut self, k: usize) {
+        let Op::QuickGelu(alpha) = self.nodes[k].op else { panic!("fuse_quick_gelu: node {k} is not a quick_gelu") };
+        if self.nodes[k].inputs.len() == 1 {
+            return;
+        }
+        let (x, s) = (self.nodes[k].inputs[0], self.nodes[k].inputs[1]);
+        let sig = self.values[s.0].producer.expect("quick_gelu's s comes from a Sigmoid node");
+        assert_eq!(self.nodes[sig].op, Op::Sigmoid, "quick_gelu's s comes from a Sigmoid node");
+        let used_elsewhere = self.nodes.iter().enumerate().any(|(j, n)| j != k && n.inputs.contains(&s))
+            || self.outputs.iter().any(|o| o.1 == s);
+        if used_elsewhere {
+            return;
+        }
+        // The Sigmoid node now writes a value nobody reads.
+        let (e, sh) = (self.elem(s), self.shape(s).to_vec());
+        let dead = self.new_value(e, sh, Some(sig));
+        self.nodes[sig].outputs = vec![dead];
+        self.values[s.0].producer = Some(k);
+        let n = &mut self.nodes[k];
+        n.inputs = vec![x];
+        n.outputs.push(s);
+        n.op_type = "QuickGeluWithSigmoid";
+        n.attrs = vec![attr_s("alpha", &alpha.to_string())];
+        n.domain = custom::DOMAIN;
+    }
+
     /// Softmax along `axis` (use the last axis: ORT's fast path).
     pub fn softmax(&mut self, x: Value, axis: i64) -> Value {
         let a = norm_axis(axis, self.rank(x)) as i64;
@@ -1218,6 +1248,18 @@ impl Graph {
     }
 
     fn to_model_impl(&self, weights_as_inputs: bool, backward_alias: bool) -> proto::ModelProto {
+        // Nodes whose outputs nobody reads (left by [`Graph::fuse_quick_gelu`]) are not written.
+        let mut read = vec![false; self.values.len()];
+        for (_, v) in &self.outputs {
+            read[v.0] = true;
+        }
+        let mut live = vec![false; self.nodes.len()];
+        for (k, n) in self.nodes.iter().enumerate().rev() {
+            if n.outputs.iter().any(|o| read[o.0]) {
+                live[k] = true;
+                n.inputs.iter().for_each(|i| read[i.0] = true);
+            }
+        }
         let external = |v: Value| {
             self.values[v.0].producer.is_none() && self.inits.iter().any(|i| i.value == v && i.data.is_none())
         };
@@ -1231,19 +1273,12 @@ impl Graph {
         let input_name = |k: usize, v: Value| {
             if k >= from && aliased[v.0] { format!("{}{BACKWARD_ALIAS}", self.name(v)) } else { self.name(v) }
         };
-        let mut used = vec![false; self.values.len()];
-        for n in &self.nodes {
-            for i in &n.inputs {
-                used[i.0] = true;
-            }
-        }
-        for (_, v) in &self.outputs {
-            used[v.0] = true;
-        }
+        let used = read;
         let nodes = self
             .nodes
             .iter()
             .enumerate()
+            .filter(|(k, _)| live[*k])
             .map(|(k, n)| NodeProto {
                 input: n.inputs.iter().map(|&v| input_name(k, v)).collect(),
                 output: n.outputs.iter().map(|&v| self.name(v)).collect(),

@@ -245,7 +245,11 @@ fn fused_backward_kernels_equal_the_standard_node_chains() {
         assert!(!forward_custom, "forward nodes stay standard ONNX");
         let gr = g.grad(l, &[xv, gv, bv]);
         let n_custom = g.nodes.iter().filter(|n| n.domain == super::custom::DOMAIN).count();
-        assert_eq!(n_custom, if fused { 3 } else { 0 }, "{ft:?} fused={fused}");
+        assert_eq!(
+            n_custom,
+            if fused { 4 } else { 0 },
+            "{ft:?} fused={fused}: QuickGeluWithSigmoid, QuickGeluGrad, 2 LayerNormGrad"
+        );
         for (v, n) in gr.iter().zip(["dx", "dg", "db"]) {
             g.output(*v, n);
         }
@@ -455,4 +459,24 @@ fn backward_nodes_read_weights_through_aliases() {
         }
     }
     assert!(m.node.iter().skip(forward_nodes).any(|n| n.input.iter().any(|i| i == "w.bwd")));
+}
+
+/// The fused quick-GELU forward's f32 exponential: within 2 ulp of the f64 `exp` over the range
+/// sigmoids use, and saturating sigmoids stay finite in [0, 1].
+#[test]
+fn fast_exp_is_within_two_ulp() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let (got, want) = (f64::from(super::custom::exp_f32(x)), f64::from(x).exp());
+        worst = worst.max((got - want).abs() / want);
+        x += 0.000_731;
+    }
+    assert!(worst < 2.0 * f64::from(f32::EPSILON), "largest relative error {worst:e}");
+    use super::custom::Real;
+    for z in [-1e4f32, -100.0, -88.0, 0.0, 88.0, 100.0, 1e4] {
+        let s = z.sigmoid();
+        assert!(s.is_finite() && (0.0..=1.0).contains(&s), "sigmoid({z}) = {s}");
+        assert!((f64::from(s) - 1.0 / (1.0 + (-f64::from(z)).exp())).abs() < 1e-7, "sigmoid({z}) = {s}");
+    }
 }
