@@ -3,12 +3,19 @@
 //! that implements [`mergeattack_core::classifier::Classifier`].
 //!
 //! One graph per architecture (cached per process, keyed by config, class count and outputs); one
-//! session per purpose, created on first use: a forward pass never pays for a backward graph. A
-//! [`Model`]'s weights are graph inputs fed with every run from the one copy the model holds
-//! (issue 3): sessions carry no weight copies (bound initializers cost a constant-folded and a
-//! pre-packed copy per session: 4.3 GB peak for ViT-B/32 forward + input gradient at batch 32,
-//! 1.7 GB fed), sessions are made in milliseconds, [`Model::update_weights`] replaces weights
-//! without rebuilding anything, and outputs stay bitwise deterministic for any thread count.
+//! session per purpose, created on first use: a forward pass never pays for a backward graph.
+//! On the CPU a [`Model`] holds one copy of its weights (issue 3):
+//! - the sessions attacks repeat (forward, loss + input gradient, logits VJP) read them as shared
+//!   initializers in their forward nodes, which ONNX Runtime pre-packs once per model for all of
+//!   them ([`create_packed_session`]), and feed them to their backward nodes as graph inputs
+//!   (packing those too would add another copy): ~7% fewer CPU seconds per ViT-B/32 forward +
+//!   input gradient, 1.7 GB peak at batch 32 (1.4 GB all fed; binding every weight per session
+//!   as before, 2.6-2.8 GB);
+//! - the other sessions (weight gradients, Grams: training) take every weight as a graph input fed
+//!   with each run: no copies, made in milliseconds.
+//!
+//! [`Model::update_weights`] copies new values into the model's tensors and drops the packed
+//! sessions (remade on next use); outputs stay bitwise deterministic for any thread count.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
