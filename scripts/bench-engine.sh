@@ -7,6 +7,8 @@
 #
 #   scripts/bench-engine.sh            # PROFILE=release by default; PROFILE=dev builds faster
 #                                      # (the hot path is ONNX Runtime's own code either way)
+#   BENCH_AB=1 scripts/bench-engine.sh # also: pre-packed against fed weights, passes alternated in
+#                                      # one process (robust to other load on the machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${PROFILE:-release}"
@@ -28,5 +30,9 @@ echo "mergeattack (ONNX Runtime): forward ${fwd} images/s, forward+input grad ${
 grep engine-summary "$log" || true
 "$PYTHON" scripts/clip_reference/bench_torch.py --threads "${MERGEATTACK_BENCH_THREADS:-2}" \
   --batch "${MERGEATTACK_BENCH_BATCH:-32}" --rust-forward "$fwd" --rust-grad "$grad"
+if [ -n "${BENCH_AB:-}" ]; then
+  MERGEATTACK_BENCH_AB=";MERGEATTACK_FED_WEIGHTS=1" MERGEATTACK_BENCH_REPS="${MERGEATTACK_BENCH_REPS:-6}" \
+    cargo bench --profile "$PROFILE" --bench engine 2>&1 | grep "^ab" || true
+fi
 rm -f "$log"
 echo "load after: $(cut -d" " -f1-3 /proc/loadavg)"

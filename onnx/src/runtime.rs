@@ -7,7 +7,7 @@
 //! On the CPU a [`Model`] holds one copy of its weights (issue 3):
 //! - the sessions attacks repeat (forward, loss + input gradient, logits VJP) read them as shared
 //!   initializers in their forward nodes, which ONNX Runtime pre-packs once per model for all of
-//!   them ([`create_packed_session`]), and feed them to their backward nodes as graph inputs
+//!   them (`create_packed_session`), and feed them to their backward nodes as graph inputs
 //!   (packing those too would add another copy): ~7% fewer CPU seconds per ViT-B/32 forward +
 //!   input gradient, 1.7 GB peak at batch 32 (1.4 GB all fed; binding every weight per session
 //!   as before, 2.6-2.8 GB);

@@ -12,7 +12,7 @@
 //! - `QuickGeluWithSigmoid(x)`, attribute `alpha` (a string: the f64 value): `y = x * s` and `s = sigmoid(alpha x)` in one
 //!   pass (the forward of CLIP's activation in gradient graphs, which keep `s` for the backward;
 //!   replaces a scaling, a Sigmoid and a Mul node, and the scaled copy they kept alive). The f32
-//!   exponential is a Cephes-style polynomial ([`exp_f32`], within 2 ulp of `exp`).
+//!   exponential is a Cephes-style polynomial (`exp_f32`, within 2 ulp of `exp`).
 //! - `QuickGeluGrad(dy, x, s)`, attribute `alpha` (the same), with `s = sigmoid(alpha x)` (the forward's):
 //!   `dx = dy * s * (1 + z (1 - s))`, `z = alpha x`, the derivative of `x * sigmoid(alpha x)`.
 //! - `LayerNormGrad(dy, x, gamma, mean, inv_std)` over the last axis (`mean` and `inv_std` of
