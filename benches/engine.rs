@@ -51,13 +51,18 @@ fn status_mb(key: &str) -> Option<f64> {
 }
 
 /// `MERGEATTACK_BENCH_MEMORY=1`: only the peak resident memory of one model doing a forward pass
-/// and a forward + input gradient (nothing else in the process), then exit; with `=fed` the model's
-/// weights are fed per run (after `Model::update_weights`, the training path).
+/// and a forward + input gradient (nothing else in the process), then exit; with `=fed` every
+/// weight is fed per run (MERGEATTACK_FED_WEIGHTS=1: no pre-packed sessions) after an
+/// `Model::update_weights`.
 fn memory_only(cfg: &ClipVisionConfig, opts: &RuntimeOptions, batch: usize, fed: bool) {
     let (params, head) = random_model(cfg);
     let x = images(batch, cfg);
     let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
     let mut phases = vec![format!("random_weights={:.0}MB", status_mb("VmRSS:").unwrap_or(f64::NAN))];
+    if fed {
+        // SAFETY: single-threaded here.
+        unsafe { std::env::set_var("MERGEATTACK_FED_WEIGHTS", "1") };
+    }
     let mut model = Model::from_params(cfg.clone(), &params, head.view(), opts.clone(), "random ViT-B/32").unwrap();
     if fed {
         let one: ParamSet = params.iter().take(1).map(|(n, t)| (n.to_string(), t.clone())).collect();
