@@ -17,6 +17,11 @@ use mergeattack_onnx::runtime::{Model, RuntimeOptions};
 use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use rand::RngExt;
 
+/// The allocator of the `mergeattack` binary (big blocks on transparent huge pages), so that the
+/// engine runs as it does in the tool.
+#[global_allocator]
+static ALLOC: mergeattack_harness::hugepages::HugePages = mergeattack_harness::hugepages::HugePages;
+
 const CLASSES: usize = 10;
 
 fn env_usize(key: &str, default: usize) -> usize {

@@ -1,6 +1,6 @@
 //! The process allocator of `mergeattack`: the system allocator, except that blocks of 2 MiB or
-//! more start on a 2 MiB boundary and are advised for transparent huge pages (Linux `madvise`
-//! with `MADV_HUGEPAGE`), so that a merge's fresh output tensors, decoded weights and image
+//! more start on a 2 MiB boundary, span whole 2 MiB pages and are advised for transparent huge
+//! pages (Linux `madvise` with `MADV_HUGEPAGE`), so that a merge's fresh output tensors, decoded weights and image
 //! batches fault in 2 MiB at a time instead of 4 KiB (the page faults of a fresh 95 MB output cost
 //! more than copying it on the machines we measured). Where the kernel offers no huge pages
 //! (`/sys/kernel/mm/transparent_hugepage/enabled` = never, or another OS) the advice is ignored
@@ -32,12 +32,17 @@ pub fn set_enabled(on: bool) {
 /// block (recorded by the allocation's layout), so a pointer's block is freed with the layout it
 /// was made with: `HUGE` alignment is never asked for by anything else in this process.
 fn huge(layout: Layout) -> Option<Layout> {
-    (layout.size() >= HUGE && ENABLED.load(Ordering::Relaxed))
-        .then(|| Layout::from_size_align(layout.size(), layout.align().max(HUGE)).ok())
-        .flatten()
+    (layout.size() >= HUGE && ENABLED.load(Ordering::Relaxed)).then(|| huge_layout(layout)).flatten()
 }
 
-/// Advise the whole huge pages inside `[p, p + size)` for transparent huge pages.
+/// A big block's layout: aligned to a huge page and rounded up to whole huge pages, so that every
+/// page of it can be a huge one (at most 2 MiB - 1 bytes more per block).
+fn huge_layout(layout: Layout) -> Option<Layout> {
+    let size = layout.size().checked_next_multiple_of(HUGE)?;
+    Layout::from_size_align(size, layout.align().max(HUGE)).ok()
+}
+
+/// Advise `[p, p + size)` (whole huge pages) for transparent huge pages.
 fn advise(p: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -96,11 +101,10 @@ unsafe impl GlobalAlloc for HugePages {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // A block that happens to be HUGE-aligned although it was made without the rule (flag off,
-        // or a system block that landed there) is freed with a larger alignment than it was made
-        // with: on Linux the system allocator frees every block with free(), whatever its layout.
-        let layout =
-            if is_huge(ptr, layout) { Layout::from_size_align(layout.size(), HUGE).unwrap_or(layout) } else { layout };
-        // SAFETY: the block came from System with this size and an alignment it satisfies.
+        // or a system block that landed there) is freed with the rule's layout instead of its own:
+        // On Linux the system allocator frees every block with free(), whatever its layout.
+        let layout = if is_huge(ptr, layout) { huge_layout(layout).unwrap_or(layout) } else { layout };
+        // SAFETY: the block came from System with this layout (or one free() treats alike).
         unsafe { System.dealloc(ptr, layout) }
     }
 
