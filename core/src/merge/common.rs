@@ -912,9 +912,9 @@ struct Window {
 }
 
 /// How the windows are sampled: one block of [`SAMPLE_BLOCK`] consecutive entries at a random
-/// offset in each `stride` entries of the global index (every entry when d <= `full`), the window spanning `z` binomial standard deviations of the sample rank
-/// plus `slack` ranks either side of the threshold's expected sample rank, moved by `shift` sample
-/// ranks (tests only).
+/// offset in each `stride` entries of the global index (every entry when d <= `full`), the window
+/// spanning `z` binomial standard deviations of the sample rank plus `slack` ranks either side of
+/// the threshold's expected sample rank, moved by `shift` sample ranks (tests only).
 #[derive(Clone, Copy, Debug)]
 struct Sampling {
     stride: usize,
