@@ -132,7 +132,7 @@ fn keep_freed_memory() {
 fn anon_huge_pages() -> String {
     std::fs::read_to_string("/proc/self/smaps_rollup")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("AnonHugePages:")).map(|l| l[14..].trim().to_string()))
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("AnonHugePages:")).map(|v| v.trim().to_string()))
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -194,8 +194,9 @@ fn kernels() {
         keep_freed_memory();
         println!(
             "allocator: the tool's (blocks >= 2 MiB on transparent huge pages) over glibc with the mallopt \
-             settings of onnx/src/runtime.rs (mmap threshold 32 MiB, trim threshold 1 GiB), as in a `mergeattack` process once an ONNX Runtime session is built: from the \
-             second repetition on, a merge's output reuses freed pages (no page faults)"
+             settings of onnx/src/runtime.rs (mmap threshold 32 MiB, trim threshold 1 GiB), as in a \
+             `mergeattack` process once an ONNX Runtime session is built: from the second repetition on, a \
+             merge's output reuses freed pages (no page faults)"
         );
     } else {
         println!(
