@@ -8,9 +8,11 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::executor::{Executor, Sequential, map_jobs};
 use super::{MergeError, MergeInput, Params, check_range};
 use crate::tensor::{ParamSet, Tensor};
 
@@ -53,6 +55,14 @@ impl<'s> Flat<'s> {
 
     pub fn len(&self, k: usize) -> usize {
         self.base[k].len()
+    }
+
+    /// The tensor indices, largest first (ties in tensor order): the order in which the kernels
+    /// hand their per-tensor jobs to an executor, so that the big ones do not finish last.
+    pub fn largest_first(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.names.len()).collect();
+        order.sort_by_key(|&k| core::cmp::Reverse(self.len(k)));
+        order
     }
 
     /// Total entries over the merged tensors.
@@ -119,7 +129,7 @@ impl<'s> Base<'s> {
 }
 
 /// Something that produces (possibly sparsified) task vectors chunk by chunk.
-pub(crate) trait TaskVectors {
+pub(crate) trait TaskVectors: Sync {
     /// Write tau_t of tensor `k`, entries `[off, off + out.len())`, into `out`.
     fn fill(&self, t: usize, k: usize, off: usize, out: &mut [f32]);
 
@@ -217,19 +227,22 @@ struct ChunkRows<'a> {
     sub: &'a [f32],
 }
 
-/// Scratch for [`chunk_rows`]: per-task fill buffers and a zero row.
+/// Scratch for [`chunk_rows`]: per-task fill buffers of `stride` entries and a zero row.
 struct RowScratch {
     bufs: Vec<f32>,
     zeros: Vec<f32>,
+    stride: usize,
 }
 
 impl RowScratch {
-    /// `direct`: every chunk comes straight from the `Flat` (no buffers needed).
-    fn new(tasks: usize, direct: bool) -> Self {
+    /// `direct`: every chunk comes straight from the `Flat` (no buffers needed). `len`: the longest
+    /// chunk to be filled (at most [`CHUNK`]).
+    fn new(tasks: usize, direct: bool, len: usize) -> Self {
+        let stride = len.clamp(1, CHUNK);
         if direct {
-            RowScratch { bufs: Vec::new(), zeros: Vec::new() }
+            RowScratch { bufs: Vec::new(), zeros: Vec::new(), stride }
         } else {
-            RowScratch { bufs: vec![0.0; tasks * CHUNK], zeros: vec![0.0; CHUNK] }
+            RowScratch { bufs: vec![0.0; tasks * stride], zeros: vec![0.0; stride], stride }
         }
     }
 }
@@ -252,13 +265,14 @@ fn chunk_rows<'a>(
             sub: &flat.base[k][off..off + len],
         }
     } else {
-        for (t, b) in scratch.bufs.chunks_exact_mut(CHUNK).enumerate() {
+        for (t, b) in scratch.bufs.chunks_exact_mut(scratch.stride).enumerate() {
             src.fill(t, k, off, &mut b[..len]);
             if let Some(trim) = pre {
                 trim.apply(t, k, off, &mut b[..len]);
             }
         }
-        ChunkRows { rows: scratch.bufs.chunks_exact(CHUNK).map(|b| &b[..len]).collect(), sub: &scratch.zeros[..len] }
+        let stride = scratch.stride;
+        ChunkRows { rows: scratch.bufs.chunks_exact(stride).map(|b| &b[..len]).collect(), sub: &scratch.zeros[..len] }
     }
 }
 
@@ -292,16 +306,26 @@ fn weighted_chunk(rows: &[&[f32]], w: &[f32], sub: &[f32], add: &[f32], out: &mu
     }
 }
 
-/// theta0 + sum_t coef_t * tau_t, with tau_t from `src`.
+/// theta0 + sum_t coef_t * tau_t, with tau_t from `src`, on the calling thread.
+pub(crate) fn weighted_sum(flat: &Flat<'_>, src: &dyn TaskVectors, coef: &[f32]) -> ParamSet<'static> {
+    weighted_sum_on(flat, src, coef, &Sequential)
+}
+
+/// [`weighted_sum`] with one job per tensor on `exec` (each entry's result does not depend on
+/// which job computes it: bitwise the same for any executor).
 ///
 /// Each output entry is written once (no zero fill first): chunks are computed into a small
 /// buffer and appended to an output reserved at full size.
-pub(crate) fn weighted_sum(flat: &Flat<'_>, src: &dyn TaskVectors, coef: &[f32]) -> ParamSet<'static> {
-    let mut scratch = RowScratch::new(flat.tasks(), src.plain());
-    let mut tmp = vec![0.0f32; CHUNK];
-    let mut values = Vec::with_capacity(flat.names.len());
-    for k in 0..flat.names.len() {
+pub(crate) fn weighted_sum_on(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    coef: &[f32],
+    exec: &dyn Executor,
+) -> ParamSet<'static> {
+    let tensor = |k: usize, (): ()| {
         let n = flat.len(k);
+        let mut scratch = RowScratch::new(flat.tasks(), src.plain(), n);
+        let mut tmp = vec![0.0f32; n.min(CHUNK)];
         let mut out = Vec::with_capacity(n);
         for off in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - off);
@@ -310,8 +334,9 @@ pub(crate) fn weighted_sum(flat: &Flat<'_>, src: &dyn TaskVectors, coef: &[f32])
             weighted_chunk(&rows.rows, coef, rows.sub, &flat.base[k][off..off + len], tmp);
             out.extend_from_slice(tmp);
         }
-        values.push(out);
-    }
+        out
+    };
+    let values = map_jobs(exec, vec![(); flat.names.len()], &flat.largest_first(), tensor);
     flat.output(values)
 }
 
@@ -387,24 +412,26 @@ impl Trim {
 }
 
 /// Per tensor, per task: keep exactly floor(k n) entries by magnitude (mergekit's `magnitude`).
-fn tensor_keys(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64) -> Vec<Vec<Option<u64>>> {
-    let mut scratch = Vec::new();
-    (0..flat.tasks())
-        .map(|t| {
-            (0..flat.names.len())
-                .map(|kk| {
-                    let n = flat.len(kk);
-                    let keep = libm::floor(k * n as f64) as usize;
-                    if keep == 0 {
-                        return None;
-                    }
-                    let mut tau = vec![0.0f32; n];
-                    src.fill(t, kk, 0, &mut tau);
-                    Some(key_at_rank(&tau, n - keep, &mut scratch))
-                })
-                .collect()
-        })
-        .collect()
+/// `keys[t][k]`; one job per tensor on `exec`.
+fn tensor_keys(flat: &Flat<'_>, src: &dyn TaskVectors, k: f64, exec: &dyn Executor) -> Vec<Vec<Option<u64>>> {
+    let tasks = flat.tasks();
+    let per_tensor = |kk: usize, (): ()| -> Vec<Option<u64>> {
+        let n = flat.len(kk);
+        let keep = libm::floor(k * n as f64) as usize;
+        if keep == 0 {
+            return vec![None; tasks];
+        }
+        let mut scratch = Vec::new();
+        let mut tau = vec![0.0f32; n];
+        (0..tasks)
+            .map(|t| {
+                src.fill(t, kk, 0, &mut tau);
+                Some(key_at_rank(&tau, n - keep, &mut scratch))
+            })
+            .collect()
+    };
+    let by_tensor = map_jobs(exec, vec![(); flat.names.len()], &flat.largest_first(), per_tensor);
+    (0..tasks).map(|t| by_tensor.iter().map(|keys| keys[t]).collect()).collect()
 }
 
 /// Buckets of the magnitude histogram: the top 16 bits of abs(x) (sign bit clear: 2^15 buckets).
@@ -422,7 +449,7 @@ const TABLE_STRIDE: usize = BUCKETS + 16;
 fn magnitude_histograms(flat: &Flat<'_>, src: &dyn TaskVectors) -> Vec<u32> {
     let tasks = flat.tasks();
     let mut tables = vec![0u32; TABLES * tasks * TABLE_STRIDE];
-    let mut scratch = RowScratch::new(tasks, src.plain());
+    let mut scratch = RowScratch::new(tasks, src.plain(), CHUNK);
     let bucket = |x: f32| x.abs().to_bits() >> BUCKET_SHIFT;
     let mut idx = vec![0u32; CHUNK];
     for kk in 0..flat.names.len() {
@@ -544,8 +571,8 @@ enum Mode<'a> {
     Windows(&'a [Option<Window>]),
 }
 
-/// Entries the window pass could not decide: their position, base value and every task's value
-/// there (one column per task; trimmed values already zero, the others raw).
+/// Entries the window pass could not decide in one tensor: their position, base value and every
+/// task's value there (one column per task; trimmed values already zero, the others raw).
 struct Deferred {
     at: Vec<(u32, u32)>,
     base: Vec<f32>,
@@ -553,11 +580,29 @@ struct Deferred {
 }
 
 /// What one merge pass leaves: the outputs (final except at the deferred and undecided entries),
-/// the running sum of elected signs, the entries with a zero trimmed sum, the deferred entries,
-/// per task the count of entries trimmed by its window (abs bits below `lo`; window mode), and
-/// whether the pass stopped early because more than the deferral limit were deferred.
+/// the running sum of elected signs, the entries with a zero trimmed sum (in entry order), the
+/// deferred entries (one list per tensor, in tensor order), per task the count of entries trimmed
+/// by its window (abs bits below `lo`; window mode), and whether more than the deferral limit were
+/// deferred (the pass then stops early and leaves the rest unset).
 struct PassOut {
     values: Vec<Vec<f32>>,
+    sign_total: i64,
+    undecided: Vec<(usize, usize)>,
+    deferred: Vec<Deferred>,
+    below: Vec<u64>,
+    overflow: bool,
+}
+
+impl PassOut {
+    /// Deferred entries over all tensors.
+    fn deferred_count(&self) -> usize {
+        self.deferred.iter().map(|d| d.at.len()).sum()
+    }
+}
+
+/// One tensor's share of a [`PassOut`].
+struct TensorPass {
+    values: Vec<f32>,
     sign_total: i64,
     undecided: Vec<(usize, usize)>,
     deferred: Deferred,
@@ -711,8 +756,14 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(
 }
 
 /// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s windows leave
-/// undecided are written provisionally and listed in `deferred` (room made for `expected` of them
-/// at the start; at most `limit`: past that the pass stops with `overflow` set).
+/// undecided are written provisionally and listed in `deferred` (room made for about `expected`
+/// of them; at most `limit`: past that the pass stops with `overflow` set).
+///
+/// One job per tensor on `exec`; the jobs' lists are joined in tensor order and their counts
+/// summed (integers), so the result is bitwise that of one pass over the tensors in order, for any
+/// executor. The deferral limit is checked against a count shared by the jobs, so `overflow` is
+/// set exactly when the whole pass defers more than `limit` entries.
+#[allow(clippy::too_many_arguments)]
 fn merge_pass(
     flat: &Flat<'_>,
     src: &dyn TaskVectors,
@@ -720,6 +771,7 @@ fn merge_pass(
     mode: Mode<'_>,
     expected: usize,
     limit: usize,
+    exec: &dyn Executor,
 ) -> PassOut {
     let tasks = flat.tasks();
     // Tensor scope trims by per-entry keys: those rows are filled and trimmed first.
@@ -738,144 +790,197 @@ fn merge_pass(
             .collect(),
     };
     let count = matches!(mode, Mode::Windows(_));
-    let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none());
-    let mut flags = vec![0u32; CHUNK];
-    let mut tmp = vec![0.0f32; CHUNK];
+    let room = expected.min(limit);
+    let d = flat.total().max(1);
+    let deferred_so_far = AtomicUsize::new(0);
+    let job = |kk: usize, (): ()| {
+        // Room in proportion to the tensor's share of the entries.
+        let n = flat.len(kk);
+        let room = ((room as f64 * n as f64 / d as f64) as usize + 64).min(n).min(room);
+        let shared = Shared { flat, src, opt, pre, cuts: &cuts, count, limit, deferred_so_far: &deferred_so_far };
+        tensor_pass(&shared, kk, room)
+    };
+    let parts = map_jobs(exec, vec![(); flat.names.len()], &flat.largest_first(), job);
+    let mut pass = PassOut {
+        values: Vec::with_capacity(parts.len()),
+        sign_total: 0,
+        undecided: Vec::new(),
+        deferred: Vec::with_capacity(parts.len()),
+        below: vec![0; tasks],
+        overflow: false,
+    };
+    for part in parts {
+        pass.values.push(part.values);
+        pass.sign_total += part.sign_total;
+        pass.undecided.extend_from_slice(&part.undecided);
+        pass.deferred.push(part.deferred);
+        pass.below.iter_mut().zip(&part.below).for_each(|(a, b)| *a += b);
+        pass.overflow |= part.overflow;
+    }
+    pass.overflow |= pass.deferred_count() > limit;
+    pass
+}
+
+/// What every job of [`merge_pass`] reads.
+struct Shared<'a, 's> {
+    flat: &'a Flat<'s>,
+    src: &'a dyn TaskVectors,
+    opt: &'a TiesOptions,
+    pre: Option<&'a Trim>,
+    cuts: &'a [Cut],
+    count: bool,
+    limit: usize,
+    deferred_so_far: &'a AtomicUsize,
+}
+
+/// [`merge_pass`] on tensor `kk`, with room for `room` deferred entries; stops early (overflow)
+/// once the jobs together have deferred more than the limit.
+fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, room: usize) -> TensorPass {
+    let Shared { flat, src, opt, pre, cuts, count, limit, deferred_so_far } = *sh;
+    let tasks = flat.tasks();
+    let n = flat.len(kk);
+    let stride = n.clamp(1, CHUNK);
+    let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none(), stride);
+    let mut flags = vec![0u32; stride];
+    let mut tmp = vec![0.0f32; stride];
     let mut below = vec![[0u32; TIES_LANES]; tasks];
-    let mut picked: Vec<usize> = Vec::with_capacity(CHUNK);
+    let mut picked: Vec<usize> = Vec::with_capacity(stride);
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
-    let room = expected.min(limit);
     let mut deferred = Deferred {
         at: Vec::with_capacity(room),
         base: Vec::with_capacity(room),
         values: (0..tasks).map(|_| Vec::with_capacity(room)).collect(),
     };
-    let mut values = Vec::with_capacity(flat.names.len());
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
-    for kk in 0..flat.names.len() {
-        let n = flat.len(kk);
-        let mut out = Vec::with_capacity(n);
-        for off in (0..n).step_by(CHUNK) {
-            let len = CHUNK.min(n - off);
-            let base = &flat.base[kk][off..off + len];
-            let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
-            let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
-            let (r, sub, lambda, bl) = (&rows.rows[..], rows.sub, opt.lambda, &mut below[..]);
-            let total = match (opt.aggregate, count) {
-                (Aggregate::Sum, false) => {
-                    ties_chunk::<false, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
-                }
-                (Aggregate::Mean, false) => {
-                    ties_chunk::<true, false>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
-                }
-                (Aggregate::Sum, true) => {
-                    ties_chunk::<false, true>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
-                }
-                (Aggregate::Mean, true) => {
-                    ties_chunk::<true, true>(r, sub, base, &cuts, zero_sign, lambda, o, flags, bl)
-                }
-            };
-            sign_total += i64::from(total);
-            out.extend_from_slice(o);
-            // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
-            // are listed first, then copied task by task.
-            picked.clear();
-            for (g, fs) in flags.chunks(16).enumerate() {
-                if fs.iter().fold(0, |a, &f| a | f) == 0 {
-                    continue;
-                }
-                for (i, &f) in fs.iter().enumerate().filter(|(_, f)| **f != 0).map(|(i, f)| (g * 16 + i, f)) {
-                    if f & UNDECIDED != 0 {
-                        undecided.push((kk, off + i));
-                    }
-                    if f & DEFERRED != 0 {
-                        picked.push(i);
-                    }
-                }
+    let mut out = Vec::with_capacity(n);
+    for off in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - off);
+        let base = &flat.base[kk][off..off + len];
+        let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
+        let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
+        let (r, sub, lambda, bl) = (&rows.rows[..], rows.sub, opt.lambda, &mut below[..]);
+        let total = match (opt.aggregate, count) {
+            (Aggregate::Sum, false) => ties_chunk::<false, false>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
+            (Aggregate::Mean, false) => ties_chunk::<true, false>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
+            (Aggregate::Sum, true) => ties_chunk::<false, true>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
+            (Aggregate::Mean, true) => ties_chunk::<true, true>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
+        };
+        sign_total += i64::from(total);
+        out.extend_from_slice(o);
+        // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
+        // are listed first, then copied task by task.
+        picked.clear();
+        for (g, fs) in flags.chunks(16).enumerate() {
+            if fs.iter().fold(0, |a, &f| a | f) == 0 {
+                continue;
             }
-            if !picked.is_empty() {
-                deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + i) as u32)));
-                deferred.base.extend(picked.iter().map(|&i| base[i]));
-                for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(&cuts) {
-                    col.extend(picked.iter().map(|&i| cut(m[i] - rows.sub[i], c)));
+            for (i, &f) in fs.iter().enumerate().filter(|(_, f)| **f != 0).map(|(i, f)| (g * 16 + i, f)) {
+                if f & UNDECIDED != 0 {
+                    undecided.push((kk, off + i));
                 }
-            }
-            if deferred.at.len() > limit {
-                values.push(out);
-                return PassOut { values, sign_total, undecided, deferred, below: Vec::new(), overflow: true };
+                if f & DEFERRED != 0 {
+                    picked.push(i);
+                }
             }
         }
-        values.push(out);
+        if !picked.is_empty() {
+            deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + i) as u32)));
+            deferred.base.extend(picked.iter().map(|&i| base[i]));
+            for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(cuts) {
+                col.extend(picked.iter().map(|&i| cut(m[i] - rows.sub[i], c)));
+            }
+            let so_far = deferred_so_far.fetch_add(picked.len(), Ordering::Relaxed) + picked.len();
+            if so_far > limit {
+                return TensorPass { values: out, sign_total, undecided, deferred, below: Vec::new(), overflow: true };
+            }
+        }
     }
     let below = below.iter().map(|b| b.iter().map(|&c| u64::from(c)).sum()).collect();
-    PassOut { values, sign_total, undecided, deferred, below, overflow: false }
+    TensorPass { values: out, sign_total, undecided, deferred, below, overflow: false }
 }
 
 /// Decide the deferred entries: per task the exact threshold from the count of entries below its
 /// window and the deferred values inside it, then the entries themselves with the kernel of the
-/// pass (exact cuts) and their outputs written in place in `pass`. Returns the thresholds, or None
-/// (and leaves `pass` as it was) when some task's threshold is not in its window.
+/// pass (exact cuts) and their outputs written in place in `pass` (one job per tensor on `exec`).
+/// Returns the thresholds, or None (and leaves `pass` as it was) when some task's threshold is not
+/// in its window.
 fn settle(
-    flat: &Flat<'_>,
     windows: &[Option<Window>],
     q: usize,
     opt: &TiesOptions,
     pass: &mut PassOut,
+    exec: &dyn Executor,
 ) -> Option<Vec<Option<f32>>> {
-    let d = &pass.deferred;
-    let mut thresholds = Vec::with_capacity(windows.len());
-    for ((w, col), &c) in windows.iter().zip(&d.values).zip(&pass.below) {
-        let Some(w) = w else {
-            thresholds.push(None);
-            continue;
-        };
-        let c = c as usize;
+    let tasks = windows.len();
+    let deferred = &pass.deferred;
+    // Per task (one job each): the threshold, Err(()) when it is not in the window.
+    let threshold = |t: usize, (): ()| -> Result<Option<f32>, ()> {
+        let Some(w) = windows[t] else { return Ok(None) };
+        let c = pass.below[t] as usize;
         if q < c {
             // Below the window: only the zeros (lo = 1) may hold the threshold.
-            if w.lo > 1 {
-                return None;
-            }
-            thresholds.push(Some(0.0));
-            continue;
+            return if w.lo > 1 { Err(()) } else { Ok(Some(0.0)) };
         }
-        let mut members: Vec<u32> =
-            col.iter().map(|x| x.abs().to_bits()).filter(|&bits| bits >= w.lo && bits < w.hi).collect();
+        let mut members: Vec<u32> = deferred
+            .iter()
+            .flat_map(|d| d.values[t].iter())
+            .map(|x| x.abs().to_bits())
+            .filter(|&bits| bits >= w.lo && bits < w.hi)
+            .collect();
         if q - c >= members.len() {
-            return None;
+            return Err(());
         }
-        thresholds.push(Some(f32::from_bits(*members.select_nth_unstable(q - c).1)));
-    }
+        Ok(Some(f32::from_bits(*members.select_nth_unstable(q - c).1)))
+    };
+    let order: Vec<usize> = (0..tasks).collect();
+    let thresholds: Vec<Option<f32>> =
+        map_jobs(exec, vec![(); tasks], &order, threshold).into_iter().collect::<Result<_, ()>>().ok()?;
     let cuts: Vec<Cut> = thresholds.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect();
-    let tasks = flat.tasks();
-    let n = d.at.len();
-    let zeros = vec![0.0f32; CHUNK];
-    let mut flags = vec![0u32; CHUNK];
-    let mut out = vec![0.0f32; CHUNK];
-    let mut below = vec![[0u32; TIES_LANES]; tasks];
-    for off in (0..n).step_by(CHUNK) {
-        let len = CHUNK.min(n - off);
-        let rows: Vec<&[f32]> = d.values.iter().map(|col| &col[off..off + len]).collect();
-        let (base, sub, o, fl) = (&d.base[off..off + len], &zeros[..len], &mut out[..len], &mut flags[..len]);
-        let total = match opt.aggregate {
-            Aggregate::Sum => ties_chunk::<false, false>(&rows, sub, base, &cuts, 0.0, opt.lambda, o, fl, &mut below),
-            Aggregate::Mean => ties_chunk::<true, false>(&rows, sub, base, &cuts, 0.0, opt.lambda, o, fl, &mut below),
-        };
-        pass.sign_total += i64::from(total);
-        let at = &d.at[off..off + len];
-        // The deferred entries are sparse in the outputs: each group's output lines are read
-        // first, all at once (independent loads overlap their cache misses), then written.
-        for (ats, (os, fs)) in at.chunks(64).zip(o.chunks(64).zip(fl.chunks(64))) {
-            let touch = ats.iter().fold(0u32, |a, &(kk, i)| a ^ pass.values[kk as usize][i as usize].to_bits());
-            core::hint::black_box(touch);
-            for (&(kk, i), (&v, &f)) in ats.iter().zip(os.iter().zip(fs)) {
-                pass.values[kk as usize][i as usize] = v;
-                if f & UNDECIDED != 0 {
-                    pass.undecided.push((kk as usize, i as usize));
+    // Per tensor (one job each): decide its deferred entries into its output.
+    let decide = |_: usize, (d, values): (&Deferred, &mut Vec<f32>)| -> (i64, Vec<(usize, usize)>) {
+        let n = d.at.len();
+        let stride = n.clamp(1, CHUNK);
+        let zeros = vec![0.0f32; stride];
+        let mut flags = vec![0u32; stride];
+        let mut out = vec![0.0f32; stride];
+        let mut below = vec![[0u32; TIES_LANES]; tasks];
+        let mut sign_total = 0i64;
+        let mut undecided = Vec::new();
+        for off in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - off);
+            let rows: Vec<&[f32]> = d.values.iter().map(|col| &col[off..off + len]).collect();
+            let (base, sub, o, fl) = (&d.base[off..off + len], &zeros[..len], &mut out[..len], &mut flags[..len]);
+            let (cuts, lambda, bl) = (&cuts[..], opt.lambda, &mut below[..]);
+            let total = match opt.aggregate {
+                Aggregate::Sum => ties_chunk::<false, false>(&rows, sub, base, cuts, 0.0, lambda, o, fl, bl),
+                Aggregate::Mean => ties_chunk::<true, false>(&rows, sub, base, cuts, 0.0, lambda, o, fl, bl),
+            };
+            sign_total += i64::from(total);
+            let at = &d.at[off..off + len];
+            // The deferred entries are sparse in the outputs: each group's output lines are read
+            // first, all at once (independent loads overlap their cache misses), then written.
+            for (ats, (os, fs)) in at.chunks(64).zip(o.chunks(64).zip(fl.chunks(64))) {
+                let touch = ats.iter().fold(0u32, |a, &(_, i)| a ^ values[i as usize].to_bits());
+                core::hint::black_box(touch);
+                for (&(kk, i), (&v, &f)) in ats.iter().zip(os.iter().zip(fs)) {
+                    values[i as usize] = v;
+                    if f & UNDECIDED != 0 {
+                        undecided.push((kk as usize, i as usize));
+                    }
                 }
             }
         }
+        (sign_total, undecided)
+    };
+    let items: Vec<(&Deferred, &mut Vec<f32>)> = pass.deferred.iter().zip(pass.values.iter_mut()).collect();
+    // Largest lists first.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&k| core::cmp::Reverse(items[k].0.at.len()));
+    for (sign_total, undecided) in map_jobs(exec, items, &order, decide) {
+        pass.sign_total += sign_total;
+        pass.undecided.extend_from_slice(&undecided);
     }
     Some(thresholds)
 }
@@ -1035,8 +1140,23 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
 /// every task gives the windows instead (one bucket each, which cannot miss), and when those hold
 /// too many entries, the exact path runs: a pass that collects the members of each threshold's
 /// bucket, then the merge pass with the exact thresholds.
+///
+/// On the calling thread; [`ties_on`] runs the passes over the tensors as jobs on an executor.
 pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
-    ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING).0
+    ties_on(flat, src, opt, &Sequential)
+}
+
+/// [`ties`] with the merge pass, the settling of the deferred entries and the per-tensor trim
+/// keys run as jobs on `exec` (one per tensor or per task), bitwise the same for any executor.
+/// The sample of the windows, the fallbacks' histogram and bucket passes and the few undecided
+/// entries stay on the calling thread.
+pub(crate) fn ties_on(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    opt: &TiesOptions,
+    exec: &dyn Executor,
+) -> ParamSet<'static> {
+    ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING, exec).0
 }
 
 /// Which way [`ties_with`] went.
@@ -1054,6 +1174,7 @@ enum Path {
 
 /// The window pass and its settling; None when a threshold is not in its window or the pass
 /// deferred more than `limit` entries.
+#[allow(clippy::too_many_arguments)]
 fn window_pass(
     flat: &Flat<'_>,
     src: &dyn TaskVectors,
@@ -1062,12 +1183,13 @@ fn window_pass(
     q: usize,
     expected: usize,
     limit: usize,
+    exec: &dyn Executor,
 ) -> Option<(Trim, PassOut)> {
-    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), expected, limit);
+    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), expected, limit, exec);
     if pass.overflow {
         return None;
     }
-    settle(flat, windows, q, opt, &mut pass).map(|thr| (Trim::Global(thr), pass))
+    settle(windows, q, opt, &mut pass, exec).map(|thr| (Trim::Global(thr), pass))
 }
 
 fn ties_with(
@@ -1076,18 +1198,19 @@ fn ties_with(
     opt: &TiesOptions,
     limit: usize,
     sampling: Sampling,
+    exec: &dyn Executor,
 ) -> (ParamSet<'static>, Path) {
     let tasks = flat.tasks();
     let (trim, mut pass, path) = match (opt.scope, threshold_rank(flat.total(), opt.k)) {
         (Scope::Tensor, _) => {
-            let trim = Trim::Tensor(tensor_keys(flat, src, opt.k));
-            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX);
+            let trim = Trim::Tensor(tensor_keys(flat, src, opt.k, exec));
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX, exec);
             (trim, pass, Path::Tensor)
         }
         (Scope::Global, None) => {
             // Nothing trimmed, nothing deferred.
             let windows = vec![None; tasks];
-            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), 0, usize::MAX);
+            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), 0, usize::MAX, exec);
             (Trim::Global(vec![None; tasks]), pass, Path::Sampled)
         }
         (Scope::Global, Some(q)) => {
@@ -1096,7 +1219,7 @@ fn ties_with(
             let sampled = if expected <= limit as f64 {
                 // Room for a few more than the sample's estimate.
                 let room = (expected * 1.05) as usize + 1024;
-                window_pass(flat, src, opt, &windows, q, room, limit)
+                window_pass(flat, src, opt, &windows, q, room, limit, exec)
             } else {
                 None
             };
@@ -1111,13 +1234,16 @@ fn ties_with(
                     let windows: Vec<Option<Window>> =
                         bands.iter().map(|b| Some(Window { lo: b.lo.max(1), hi: b.hi })).collect();
                     let counted = bands.iter().map(|b| b.count).sum::<usize>();
-                    let bucketed =
-                        if counted <= limit { window_pass(flat, src, opt, &windows, q, counted, limit) } else { None };
+                    let bucketed = if counted <= limit {
+                        window_pass(flat, src, opt, &windows, q, counted, limit, exec)
+                    } else {
+                        None
+                    };
                     match bucketed {
                         Some((trim, pass)) => (trim, pass, Path::Histogram),
                         None => {
                             let trim = Trim::Global(band_thresholds(flat, src, &bands));
-                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX);
+                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX, exec);
                             (trim, pass, Path::Exact)
                         }
                     }
@@ -1218,6 +1344,7 @@ pub(crate) fn svd_frame(
 
 #[cfg(test)]
 mod tests {
+    use super::super::executor::testexec::{Reverse, Shuffled};
     use super::super::testutil::*;
     use super::*;
     use rand::RngExt;
@@ -1376,9 +1503,20 @@ mod tests {
                             ("wide", flat.total() / 2, wide),
                         ];
                         for (what, limit, sampling) in runs {
-                            let (out, path) = ties_with(&flat, src, &opt, limit, sampling);
+                            let (out, path) = ties_with(&flat, src, &opt, limit, sampling, &Sequential);
                             assert_eq!(bits(&out, &names), reference, "case {case} k {k} {aggregate:?} {what}");
                             paths.push((case, k, what, path));
+                            // The jobs run in other orders: the same bits, the same way taken.
+                            for exec in [&Reverse as &dyn Executor, &Shuffled] {
+                                let (out, p) = ties_with(&flat, src, &opt, limit, sampling, exec);
+                                let at = "with the jobs reordered";
+                                assert_eq!(
+                                    bits(&out, &names),
+                                    reference,
+                                    "case {case} k {k} {aggregate:?} {what} {at}"
+                                );
+                                assert_eq!(p, path, "case {case} k {k} {aggregate:?} {what} {at}");
+                            }
                         }
                     }
                 }
@@ -1437,15 +1575,147 @@ mod tests {
         let q = threshold_rank(flat.total(), opt.k).unwrap();
         let (windows, expected) = sample_windows(&flat, &flat, q, SAMPLING);
         let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
-        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), 0, usize::MAX);
-        let deferred = pass.deferred.at.len();
+        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), 0, usize::MAX, &Sequential);
+        let deferred = pass.deferred_count();
         assert!(deferred < n / 5, "{deferred} deferred of {n}");
         // The sample's estimate of the deferred entries is close.
         assert!((expected - deferred as f64).abs() < 0.2 * deferred as f64, "{expected} expected, {deferred} deferred");
-        let (out, path) = ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING);
-        assert_eq!(path, Path::Sampled);
         let reference: Vec<Vec<u32>> =
             naive(&flat, &flat, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
-        assert_eq!(bits(&out, &names), reference);
+        for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
+            let (out, path) = ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING, exec);
+            assert_eq!(path, Path::Sampled);
+            assert_eq!(bits(&out, &names), reference);
+        }
+        // A deferral limit just below the pass's count overflows (whatever the job order), one at
+        // the count does not.
+        for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
+            let w = Mode::Windows(&windows);
+            assert!(merge_pass(&flat, &flat, &opt, w, 0, deferred - 1, exec).overflow);
+            let w = Mode::Windows(&windows);
+            assert!(!merge_pass(&flat, &flat, &opt, w, 0, deferred, exec).overflow);
+        }
+    }
+
+    /// Random tensors (sizes that end mid-chunk, one of a single entry), `tasks` fine-tuned models
+    /// with task vectors of spread magnitudes, some entries exactly equal to the base.
+    fn random_input(seed: u64, tasks: usize) -> (ParamSet<'static>, Vec<ParamSet<'static>>) {
+        let sizes = [(CHUNK + 77, "a"), (300usize, "b"), (CHUNK * 3 + 5, "c"), (1, "d"), (2 * CHUNK, "e")];
+        let mut rng = crate::rng::stream(seed, &[b"executor-test"]);
+        let base_t: Vec<(&str, Vec<f32>)> =
+            sizes.iter().map(|&(n, name)| (name, (0..n).map(|_| rng.random::<f32>() - 0.5).collect())).collect();
+        let to_set = |v: &[(&str, Vec<f32>)]| {
+            let shapes: Vec<[usize; 1]> = v.iter().map(|(_, x)| [x.len()]).collect();
+            set(&v.iter().zip(&shapes).map(|((n, x), s)| (*n, &s[..], &x[..])).collect::<Vec<_>>())
+        };
+        let models = (0..tasks)
+            .map(|_| {
+                let m: Vec<(&str, Vec<f32>)> = base_t
+                    .iter()
+                    .map(|(n, b)| {
+                        let v = b
+                            .iter()
+                            .map(|&x| {
+                                if rng.random::<f32>() < 0.1 {
+                                    return x;
+                                }
+                                x + (rng.random::<f32>() - 0.5) * libm::powf(10.0, rng.random::<f32>() * 3.0 - 3.0)
+                            })
+                            .collect();
+                        (*n, v)
+                    })
+                    .collect();
+                to_set(&m)
+            })
+            .collect();
+        (to_set(&base_t), models)
+    }
+
+    /// The weighted sum, one job per tensor, in any job order equals the reference order of f32
+    /// operations (acc = 0, acc += w_t tau_t in task order, then + base), for the plain and a
+    /// masked source.
+    #[test]
+    fn weighted_sum_on_any_executor_equals_the_reference() {
+        let (base, models) = random_input(3, 4);
+        let names = names(&base);
+        let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
+        let flat = Flat::new(&input);
+        let masked = Masked(&flat);
+        let coef = [0.3f32, -1.25, 0.7, 2.0];
+        for src in [&flat as &dyn TaskVectors, &masked] {
+            let reference: Vec<Vec<u32>> = (0..names.len())
+                .map(|k| {
+                    let n = flat.len(k);
+                    let taus: Vec<Vec<f32>> = (0..4)
+                        .map(|t| {
+                            let mut v = vec![0.0f32; n];
+                            src.fill(t, k, 0, &mut v);
+                            v
+                        })
+                        .collect();
+                    (0..n)
+                        .map(|i| {
+                            let acc = (0..4).fold(0.0f32, |a, t| a + coef[t] * taus[t][i]);
+                            (acc + flat.base[k][i]).to_bits()
+                        })
+                        .collect()
+                })
+                .collect();
+            for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
+                assert_eq!(bits(&weighted_sum_on(&flat, src, &coef, exec), &names), reference);
+            }
+        }
+    }
+
+    /// TIES with the per-tensor trim (mergekit: per tensor and task keep exactly floor(k n) entries
+    /// by magnitude, ties to the lower index; a zero sum elects +1), in any job order, equals a
+    /// naive per-entry computation from sorted keys.
+    #[test]
+    fn tensor_scope_on_any_executor_equals_the_naive_reference() {
+        let (base, models) = random_input(5, 3);
+        let names = names(&base);
+        let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
+        let flat = Flat::new(&input);
+        let masked = Masked(&flat);
+        for k in [0.2, 0.5, 1e-3, 1.0] {
+            for aggregate in [Aggregate::Sum, Aggregate::Mean] {
+                let opt = TiesOptions { k, lambda: 0.7, aggregate, scope: Scope::Tensor };
+                for src in [&flat as &dyn TaskVectors, &masked] {
+                    let reference: Vec<Vec<u32>> = (0..names.len())
+                        .map(|kk| {
+                            let n = flat.len(kk);
+                            let keep = libm::floor(k * n as f64) as usize;
+                            let trimmed: Vec<Vec<f32>> = (0..3)
+                                .map(|t| {
+                                    let mut v = vec![0.0f32; n];
+                                    src.fill(t, kk, 0, &mut v);
+                                    let mut keys: Vec<u64> =
+                                        v.iter().enumerate().map(|(i, &x)| mag_key(x, i)).collect();
+                                    keys.sort_unstable();
+                                    let kept = &keys[n - keep..];
+                                    v.iter()
+                                        .enumerate()
+                                        .map(|(i, &x)| if kept.binary_search(&mag_key(x, i)).is_ok() { x } else { 0.0 })
+                                        .collect()
+                                })
+                                .collect();
+                            (0..n)
+                                .map(|i| {
+                                    let xs: Vec<f32> = (0..3).map(|t| trimmed[t][i]).collect();
+                                    let sum = xs.iter().fold(0.0f32, |a, &x| a + x);
+                                    let e = if sum < 0.0 { -1.0 } else { 1.0 };
+                                    merged_entry(flat.base[kk][i], &xs, e, &opt).to_bits()
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
+                        let (out, path) = ties_with(&flat, src, &opt, usize::MAX, SAMPLING, exec);
+                        assert_eq!(path, Path::Tensor);
+                        assert_eq!(bits(&out, &names), reference, "k {k} {aggregate:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -19,6 +19,7 @@ mod common;
 mod consensus;
 mod dare;
 mod emr;
+pub mod executor;
 pub mod fisher;
 mod iso_c;
 mod iso_cts;
@@ -36,6 +37,7 @@ pub use breadcrumbs::Breadcrumbs;
 pub use consensus::Consensus;
 pub use dare::Dare;
 pub use emr::Emr;
+pub use executor::{Executor, Sequential};
 pub use iso_c::IsoC;
 pub use iso_cts::IsoCts;
 pub use model_stock::ModelStock;
@@ -301,6 +303,18 @@ pub trait MergeMethod: Sync {
     }
     /// Merge. `params` holds only this method's own keys (validated by [`validate_params`]).
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError>;
+    /// [`merge`](Self::merge) with its independent jobs run by `exec` (on several threads, say),
+    /// with bitwise the same result as `merge` whatever the executor. The default ignores `exec`;
+    /// methods whose kernels split into jobs (`ties`, `task-arithmetic`) override it.
+    fn merge_on<'s>(
+        &self,
+        input: &MergeInput<'s, '_>,
+        params: &Params,
+        exec: &dyn Executor,
+    ) -> Result<MergeOutput<'s>, MergeError> {
+        let _ = exec;
+        self.merge(input, params)
+    }
 }
 
 static REGISTRY: &[&dyn MergeMethod] = &[

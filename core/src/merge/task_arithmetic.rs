@@ -1,8 +1,10 @@
 //! `task-arithmetic`: theta0 + lambda * sum_t w_t tau_t (lambda 0.3, w_t = 1 or the per-model
 //! weights as given, like mergekit's `weight`).
 
-use super::common::{Flat, finite, raw_weights, weighted_sum};
-use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, require_models};
+use super::common::{Flat, finite, raw_weights, weighted_sum_on};
+use super::{
+    Executor, MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, Sequential, require_models,
+};
 
 pub struct TaskArithmetic;
 
@@ -23,11 +25,20 @@ impl MergeMethod for TaskArithmetic {
         true
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
+        self.merge_on(input, params, &Sequential)
+    }
+    /// One job per tensor on `exec` (bitwise the same result).
+    fn merge_on<'s>(
+        &self,
+        input: &MergeInput<'s, '_>,
+        params: &Params,
+        exec: &dyn Executor,
+    ) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let lambda = finite(params, "lambda", 0.3)?;
         let coef: alloc::vec::Vec<f32> = raw_weights(input)?.iter().map(|w| lambda * w).collect();
         let flat = Flat::new(input);
-        Ok(MergeOutput::Single(weighted_sum(&flat, &flat, &coef)))
+        Ok(MergeOutput::Single(weighted_sum_on(&flat, &flat, &coef, exec)))
     }
 }
 

@@ -1,8 +1,10 @@
 //! `ties`: TIES-Merging (trim, elect sign, disjoint merge), FusionBench's variant by default: one
 //! global trim over all merged tensors, `dis-sum` aggregation, lambda 0.3.
 
-use super::common::{Aggregate, Flat, Scope, TiesOptions, density, finite, ties};
-use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, require_models};
+use super::common::{Aggregate, Flat, Scope, TiesOptions, density, finite, ties_on};
+use super::{
+    Executor, MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, Sequential, require_models,
+};
 
 pub struct Ties;
 
@@ -54,11 +56,20 @@ impl MergeMethod for Ties {
         params.get("scope") == Some("tensor")
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
+        self.merge_on(input, params, &Sequential)
+    }
+    /// The passes over the tensors run as jobs on `exec` (bitwise the same result).
+    fn merge_on<'s>(
+        &self,
+        input: &MergeInput<'s, '_>,
+        params: &Params,
+        exec: &dyn Executor,
+    ) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         super::common::reject_weights(self.name(), input)?;
         let opt = options(params, 0.3)?;
         let flat = Flat::new(input);
-        Ok(MergeOutput::Single(ties(&flat, &flat, &opt)))
+        Ok(MergeOutput::Single(ties_on(&flat, &flat, &opt, exec)))
     }
 }
 
