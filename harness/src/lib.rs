@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod exec;
 pub mod hugepages;
 pub mod mergeconfig;
 pub mod merging;

@@ -24,6 +24,8 @@ use mergeattack_onnx::runtime::{Model, RuntimeError, RuntimeOptions, all_vision_
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, s};
 use rand::RngExt;
 
+use crate::exec::Threads;
+
 /// Why a merge could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum MergingError {
@@ -263,7 +265,9 @@ pub fn merge<'p>(pool: &'p Pool<'_>, req: &Request<'_>) -> Result<Merged<'p>, Me
 /// ([`MergeMethod::tensorwise`]) and `threads` > 1, the tensors are merged one at a time on
 /// `threads` threads (largest first, each thread taking the next one left), which gives bitwise
 /// the same tensors as one call over all of them; the first error in tensor order is returned.
-/// `bar`, if given, counts the tensors merged.
+/// `bar`, if given, counts the tensors merged. Any other method with `threads` > 1 runs its
+/// kernels' jobs on a [`Threads`] executor ([`MergeMethod::merge_on`]: global-scope TIES splits
+/// its passes by tensor), again with bitwise the same result as on one thread.
 pub fn merge_data_free<'s>(
     method: &'static dyn MergeMethod,
     input: &MergeInput<'s, '_>,
@@ -272,8 +276,11 @@ pub fn merge_data_free<'s>(
     bar: Option<&ProgressBar>,
 ) -> Result<MergeOutput<'s>, MergeError> {
     let n = input.names.len();
-    if threads <= 1 || n < 2 || method.per_task() || !method.tensorwise(params) {
+    if threads <= 1 || n < 2 {
         return method.merge(input, params);
+    }
+    if method.per_task() || !method.tensorwise(params) {
+        return method.merge_on(input, params, &Threads::new(threads));
     }
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(input.base(&input.names[i]).len()));
@@ -668,4 +675,64 @@ fn run_surgery(
     }
     pb.finish_and_clear();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base and `tasks` fine-tuned sets: many tensors of mixed sizes (several span more than one
+    /// kernel chunk), task vectors of spread magnitudes.
+    fn sets(tasks: usize) -> (ParamSet<'static>, Vec<ParamSet<'static>>, Vec<String>) {
+        let sizes: Vec<usize> = (0..24).map(|i| [7000, 300, 12_345, 1, 4096, 900][i % 6] + i).collect();
+        let mut r = rng::stream(21, &[b"merging-threads-test"]);
+        let mut base = ParamSet::new();
+        let mut models: Vec<ParamSet<'static>> = (0..tasks).map(|_| ParamSet::new()).collect();
+        for (i, &n) in sizes.iter().enumerate() {
+            let name = format!("t{i:02}");
+            let b: Vec<f32> = (0..n).map(|_| r.random::<f32>() - 0.5).collect();
+            for m in models.iter_mut() {
+                let scale = 10f32.powf(r.random::<f32>() * 2.0 - 3.0);
+                let v: Vec<f32> = b.iter().map(|&x| x + scale * (r.random::<f32>() - 0.5)).collect();
+                m.insert_owned(name.clone(), ArrayD::from_shape_vec(ndarray::IxDyn(&[n]), v).unwrap());
+            }
+            base.insert_owned(name, ArrayD::from_shape_vec(ndarray::IxDyn(&[n]), b).unwrap());
+        }
+        let names = base.names().map(String::from).collect();
+        (base, models, names)
+    }
+
+    fn bits(out: MergeOutput<'_>, names: &[String]) -> Vec<Vec<u32>> {
+        let p = out.single().expect("one model");
+        names.iter().map(|n| p.get(n).unwrap().iter().map(|x| x.to_bits()).collect()).collect()
+    }
+
+    /// Global-scope TIES (not tensorwise: its jobs go to the thread executor) and the tensorwise
+    /// methods give bitwise the same tensors on 1 and on 3 threads, and through `merge_on` with 3
+    /// threads as with `merge`.
+    #[test]
+    fn threads_give_bitwise_the_same_merge() {
+        let (base, models, names) = sets(4);
+        let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 3 };
+        let cases: &[(&str, &[(&str, &str)])] = &[
+            ("ties", &[]),
+            ("ties", &[("aggregate", "dis-mean"), ("k", "0.05")]),
+            ("ties", &[("k", "1")]),
+            ("ties", &[("scope", "tensor")]),
+            ("task-arithmetic", &[]),
+            ("dare", &[("base", "ties")]),
+        ];
+        for (name, kv) in cases {
+            let method = merge::lookup(name).unwrap();
+            let mut p = Params::new();
+            for (k, v) in kv.iter() {
+                p.set(*k, *v);
+            }
+            let one = bits(merge_data_free(method, &input, &p, 1, None).unwrap(), &names);
+            let three = bits(merge_data_free(method, &input, &p, 3, None).unwrap(), &names);
+            assert!(one == three, "{name} {kv:?}: 1 and 3 threads differ");
+            let on = bits(method.merge_on(&input, &p, &Threads::new(3)).unwrap(), &names);
+            assert!(one == on, "{name} {kv:?}: merge_on with 3 threads differs");
+        }
+    }
 }
