@@ -15,7 +15,10 @@
 //! `MERGEATTACK_BENCH_LAYERS` encoder layers, default 3 = 22 M entries per model, 12 = 88 M), each
 //! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
 //! same bytes measured in the same run (into a pre-faulted buffer; a copy into a fresh allocation is
-//! printed beside it), with the TIES / task-arithmetic ratio and the load average. The process has
+//! printed beside it), with the TIES / task-arithmetic ratio and the load average. Each method and
+//! the copy run on 1 thread and on `MERGEATTACK_BENCH_THREADS` (default 2) threads (the methods'
+//! jobs on the harness's thread executor, `MergeMethod::merge_on`; the copy split into equal parts
+//! on scoped threads), and the ratios are printed at equal thread counts. The process has
 //! the allocator of the `mergeattack` binary (`mergeattack_harness::hugepages`: blocks of 2 MiB or
 //! more on transparent huge pages; task-arithmetic is also timed with it turned off) and glibc's
 //! default settings, like `mergeattack merge` (`MERGEATTACK_BENCH_MALLOPT=1`: the settings the
@@ -28,6 +31,7 @@ use std::time::Instant;
 use criterion::Criterion;
 use mergeattack_core::merge::{Params, lookup, registry};
 use mergeattack_harness::commands::merge::merge_files;
+use mergeattack_harness::exec::Threads;
 use mergeattack_harness::mergeconfig::MergeSpec;
 use mergeattack_harness::synth::{self, SynthConfig};
 use mergeattack_onnx::weights::OutDtype;
@@ -208,14 +212,17 @@ fn kernels() {
     }
     let input = MergeInput { base: &base, models: &models, model_weights: None, names: &names, seed: 0 };
     let bytes = ((tasks + 2) * numel * 4) as f64; // read base + models, write the output
-    println!("{:<16} {:>9} {:>9} {:>9} {:>7}", "method", "seconds", "GB/s", "vs TA", "load");
-    let mut ta = None;
-    let time = |m: &str| {
+    let many = env_usize("MERGEATTACK_BENCH_THREADS", 2).max(1);
+    let counts: Vec<usize> = if many > 1 { vec![1, many] } else { vec![1] };
+    println!("{:<16} {:>7} {:>9} {:>9} {:>9} {:>7}", "method", "threads", "seconds", "GB/s", "vs TA", "load");
+    // Best of `reps` for method `m` with its jobs on `threads` threads.
+    let time = |m: &str, threads: usize| {
         let method = lookup(m).ok()?;
+        let exec = Threads::new(threads);
         let mut best = f64::INFINITY;
         for _ in 0..reps {
             let t = Instant::now();
-            let out = method.merge(&input, &Params::new()).unwrap_or_else(|e| panic!("{m}: {e}"));
+            let out = method.merge_on(&input, &Params::new(), &exec).unwrap_or_else(|e| panic!("{m}: {e}"));
             best = best.min(t.elapsed().as_secs_f64());
             std::hint::black_box(&out);
             drop(out);
@@ -224,35 +231,62 @@ fn kernels() {
     };
     // For context: task-arithmetic with its output on 4 KiB pages (the allocator's rule off).
     mergeattack_harness::hugepages::set_enabled(false);
-    if let Some(best) = time("task-arithmetic") {
-        println!("{:<16} {best:>9.3} {:>9.2} {:>9} {:>7}", "TA (4 KiB pages)", bytes / 1e9 / best, "-", load());
+    if let Some(best) = time("task-arithmetic", 1) {
+        println!(
+            "{:<16} {:>7} {best:>9.3} {:>9.2} {:>9} {:>7}",
+            "TA (4 KiB pages)",
+            1,
+            bytes / 1e9 / best,
+            "-",
+            load()
+        );
     }
     mergeattack_harness::hugepages::set_enabled(true);
+    // (method, threads, seconds)
+    let mut results: Vec<(String, usize, f64)> = Vec::new();
+    let ta = |results: &[(String, usize, f64)], threads: usize| {
+        results.iter().find(|(m, t, _)| m == "task-arithmetic" && *t == threads).map(|r| r.2)
+    };
     for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        let Some(best) = time(m) else {
-            println!("{m:<16} (not in the registry)");
-            continue;
-        };
-        if m == "task-arithmetic" {
-            ta = Some(best);
+        for &threads in &counts {
+            let Some(best) = time(m, threads) else {
+                println!("{m:<16} (not in the registry)");
+                break;
+            };
+            results.push((m.to_string(), threads, best));
+            let ratio = ta(&results, threads).map(|t| format!("{:.2}x", best / t)).unwrap_or_else(|| "-".into());
+            println!("{m:<16} {threads:>7} {best:>9.3} {:>9.2} {ratio:>9} {:>7}", bytes / 1e9 / best, load());
         }
-        let ratio = ta.map(|t| format!("{:.2}x", best / t)).unwrap_or_else(|| "-".into());
-        println!("{m:<16} {best:>9.3} {:>9.2} {ratio:>9} {:>7}", bytes / 1e9 / best, load());
     }
-    // Baseline: copy bytes/2 (read once, written once), best of reps, pages faulted in first.
+    // Baseline: copy bytes/2 (read once, written once), best of reps, pages faulted in first; on
+    // several threads each copies an equal part.
     let n = (bytes / 2.0) as usize;
     let src = vec![1u8; n];
     let mut dst = vec![0u8; n];
     dst.fill(2);
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(&dst);
+    let mut memcpy = Vec::new();
+    for &threads in &counts {
+        let part = n.div_ceil(threads);
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                let mut pieces = dst.chunks_mut(part).zip(src.chunks(part));
+                let first = pieces.next();
+                for (d, s_) in pieces {
+                    s.spawn(move || d.copy_from_slice(s_));
+                }
+                if let Some((d, s_)) = first {
+                    d.copy_from_slice(s_);
+                }
+            });
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(&dst);
+        }
+        let gbs = bytes / 1e9 / best;
+        memcpy.push((threads, gbs));
+        println!("{:<16} {threads:>7} {best:>9.3} {gbs:>9.2} {:>9} {:>7}", "memcpy", "-", load());
     }
-    let gbs = bytes / 1e9 / best;
-    println!("{:<16} {best:>9.3} {gbs:>9.2} {:>9} {:>7}", "memcpy", "-", load());
     // For context: the same copy into a fresh allocation, whose pages fault in as it is written
     // (what every merge pays for its output; not the baseline of the target).
     drop(dst);
@@ -263,9 +297,29 @@ fn kernels() {
         fresh_best = fresh_best.min(t.elapsed().as_secs_f64());
         std::hint::black_box(&fresh);
     }
-    println!("{:<16} {fresh_best:>9.3} {:>9.2} {:>9} {:>7}", "memcpy (fresh)", bytes / 1e9 / fresh_best, "-", load());
-    if let Some(t) = ta {
-        println!("task-arithmetic at {:.0}% of the memcpy baseline's GB/s", 100.0 * (bytes / 1e9 / t) / gbs);
+    println!(
+        "{:<16} {:>7} {fresh_best:>9.3} {:>9.2} {:>9} {:>7}",
+        "memcpy (fresh)",
+        1,
+        bytes / 1e9 / fresh_best,
+        "-",
+        load()
+    );
+    for &(threads, gbs) in &memcpy {
+        let Some(t) = ta(&results, threads) else { continue };
+        let mut line = format!(
+            "{threads} thread(s): task-arithmetic at {:.0}% of the memcpy baseline's GB/s",
+            100.0 * (bytes / 1e9 / t) / gbs
+        );
+        for (m, _, s) in results.iter().filter(|(m, th, _)| *th == threads && m != "task-arithmetic") {
+            line += &format!("; {m} / task-arithmetic {:.2}x", s / t);
+        }
+        println!("{line}");
+    }
+    for (m, _, one) in results.iter().filter(|r| r.1 == 1) {
+        if let Some((_, _, par)) = results.iter().find(|(m2, th, _)| m2 == m && *th == many && many > 1) {
+            println!("{m}: {many} threads {:.2}x faster than 1", one / par);
+        }
     }
     println!("transparent huge pages in use at the end: {}", anon_huge_pages());
 }
