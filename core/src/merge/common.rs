@@ -756,8 +756,9 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(
 }
 
 /// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s windows leave
-/// undecided are written provisionally and listed in `deferred` (room made for about `expected`
-/// of them; at most `limit`: past that the pass stops with `overflow` set).
+/// undecided are written provisionally and listed in `deferred` (room made in tensor k's list for
+/// `room[k]` of them, none when `room` is empty; at most `limit` in all: past that the pass stops
+/// with `overflow` set).
 ///
 /// One job per tensor on `exec`; the jobs' lists are joined in tensor order and their counts
 /// summed (integers), so the result is bitwise that of one pass over the tensors in order, for any
@@ -769,7 +770,7 @@ fn merge_pass(
     src: &dyn TaskVectors,
     opt: &TiesOptions,
     mode: Mode<'_>,
-    expected: usize,
+    room: &[usize],
     limit: usize,
     exec: &dyn Executor,
 ) -> PassOut {
@@ -790,13 +791,9 @@ fn merge_pass(
             .collect(),
     };
     let count = matches!(mode, Mode::Windows(_));
-    let room = expected.min(limit);
-    let d = flat.total().max(1);
     let deferred_so_far = AtomicUsize::new(0);
     let job = |kk: usize, (): ()| {
-        // Room in proportion to the tensor's share of the entries.
-        let n = flat.len(kk);
-        let room = ((room as f64 * n as f64 / d as f64) as usize + 64).min(n).min(room);
+        let room = room.get(kk).map_or(0, |&r| r.min(flat.len(kk)).min(limit));
         let shared = Shared { flat, src, opt, pre, cuts: &cuts, count, limit, deferred_so_far: &deferred_so_far };
         tensor_pass(&shared, kk, room)
     };
@@ -1042,8 +1039,8 @@ fn threshold_rank(d: usize, k: f64) -> Option<usize> {
 /// Per task, a window that holds its threshold (rank `q`) with high probability, from the order
 /// statistics of a sample of its abs values (the same deterministic positions for every task).
 /// Also returns the number of entries the merge pass can be expected to defer (those with some task's
-/// value inside its window), estimated from the sample.
-fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> (Vec<Window>, f64) {
+/// value inside its window), estimated from the sample, in all and per tensor.
+fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> (Vec<Window>, Expected) {
     use rand::RngExt;
     let d = flat.total();
     let stride = if d <= s.full { SAMPLE_BLOCK } else { s.stride.max(SAMPLE_BLOCK) };
@@ -1123,8 +1120,22 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
             *f |= bits >= w.lo && bits < w.hi;
         }
     }
+    // Each sampled entry stands for d / n_s entries.
+    let scale = d as f64 / n_s.max(1) as f64;
+    let mut per_tensor = vec![0.0f64; flat.names.len()];
+    let mut at = 0;
+    for &(k, _, n) in &pieces {
+        per_tensor[k] += inside[at..at + n].iter().filter(|&&f| f).count() as f64 * scale;
+        at += n;
+    }
     let hits = inside.iter().filter(|&&f| f).count();
-    (windows, hits as f64 * d as f64 / n_s.max(1) as f64)
+    (windows, Expected { total: hits as f64 * scale, per_tensor })
+}
+
+/// The sample's estimate of the entries the window pass defers: in all and per tensor.
+struct Expected {
+    total: f64,
+    per_tensor: Vec<f64>,
 }
 
 /// The TIES merge of the task vectors from `src`: trim, elect, disjoint merge, theta0 + lambda *
@@ -1181,11 +1192,11 @@ fn window_pass(
     opt: &TiesOptions,
     windows: &[Option<Window>],
     q: usize,
-    expected: usize,
+    room: &[usize],
     limit: usize,
     exec: &dyn Executor,
 ) -> Option<(Trim, PassOut)> {
-    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), expected, limit, exec);
+    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), room, limit, exec);
     if pass.overflow {
         return None;
     }
@@ -1204,22 +1215,22 @@ fn ties_with(
     let (trim, mut pass, path) = match (opt.scope, threshold_rank(flat.total(), opt.k)) {
         (Scope::Tensor, _) => {
             let trim = Trim::Tensor(tensor_keys(flat, src, opt.k, exec));
-            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX, exec);
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, exec);
             (trim, pass, Path::Tensor)
         }
         (Scope::Global, None) => {
             // Nothing trimmed, nothing deferred.
             let windows = vec![None; tasks];
-            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), 0, usize::MAX, exec);
+            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), &[], usize::MAX, exec);
             (Trim::Global(vec![None; tasks]), pass, Path::Sampled)
         }
         (Scope::Global, Some(q)) => {
             let (windows, expected) = sample_windows(flat, src, q, sampling);
             let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
-            let sampled = if expected <= limit as f64 {
+            let sampled = if expected.total <= limit as f64 {
                 // Room for a few more than the sample's estimate.
-                let room = (expected * 1.05) as usize + 1024;
-                window_pass(flat, src, opt, &windows, q, room, limit, exec)
+                let room: Vec<usize> = expected.per_tensor.iter().map(|&e| (e * 1.05) as usize + 256).collect();
+                window_pass(flat, src, opt, &windows, q, &room, limit, exec)
             } else {
                 None
             };
@@ -1235,7 +1246,12 @@ fn ties_with(
                         bands.iter().map(|b| Some(Window { lo: b.lo.max(1), hi: b.hi })).collect();
                     let counted = bands.iter().map(|b| b.count).sum::<usize>();
                     let bucketed = if counted <= limit {
-                        window_pass(flat, src, opt, &windows, q, counted, limit, exec)
+                        // Room in proportion to each tensor's share of the entries.
+                        let d = flat.total() as f64;
+                        let room: Vec<usize> = (0..flat.names.len())
+                            .map(|k| (counted as f64 * flat.len(k) as f64 / d) as usize + 256)
+                            .collect();
+                        window_pass(flat, src, opt, &windows, q, &room, limit, exec)
                     } else {
                         None
                     };
@@ -1243,7 +1259,7 @@ fn ties_with(
                         Some((trim, pass)) => (trim, pass, Path::Histogram),
                         None => {
                             let trim = Trim::Global(band_thresholds(flat, src, &bands));
-                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), 0, usize::MAX, exec);
+                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, exec);
                             (trim, pass, Path::Exact)
                         }
                     }
@@ -1573,13 +1589,21 @@ mod tests {
         let flat = Flat::new(&input);
         let opt = TiesOptions { k: 0.2, lambda: 0.3, aggregate: Aggregate::Sum, scope: Scope::Global };
         let q = threshold_rank(flat.total(), opt.k).unwrap();
-        let (windows, expected) = sample_windows(&flat, &flat, q, SAMPLING);
+        let (windows, estimate) = sample_windows(&flat, &flat, q, SAMPLING);
         let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
-        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), 0, usize::MAX, &Sequential);
+        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), &[], usize::MAX, &Sequential);
         let deferred = pass.deferred_count();
         assert!(deferred < n / 5, "{deferred} deferred of {n}");
         // The sample's estimate of the deferred entries is close.
+        let expected = estimate.total;
         assert!((expected - deferred as f64).abs() < 0.2 * deferred as f64, "{expected} expected, {deferred} deferred");
+        // Per tensor too (the tensors differ in scale, so in their share of the deferred entries).
+        for (k, (e, part)) in estimate.per_tensor.iter().zip(&pass.deferred).enumerate() {
+            let got = part.at.len() as f64;
+            assert!((e - got).abs() < 0.25 * got + 1000.0, "tensor {k}: {e} expected, {got} deferred");
+        }
+        let got: Vec<usize> = pass.deferred.iter().map(|p| p.at.len()).collect();
+        assert!(got.iter().max() > Some(&(3 * got.iter().min().unwrap() + 2000)), "{got:?}");
         let reference: Vec<Vec<u32>> =
             naive(&flat, &flat, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
         for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
@@ -1591,9 +1615,9 @@ mod tests {
         // the count does not.
         for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
             let w = Mode::Windows(&windows);
-            assert!(merge_pass(&flat, &flat, &opt, w, 0, deferred - 1, exec).overflow);
+            assert!(merge_pass(&flat, &flat, &opt, w, &[], deferred - 1, exec).overflow);
             let w = Mode::Windows(&windows);
-            assert!(!merge_pass(&flat, &flat, &opt, w, 0, deferred, exec).overflow);
+            assert!(!merge_pass(&flat, &flat, &opt, w, &[], deferred, exec).overflow);
         }
     }
 
