@@ -1027,6 +1027,8 @@ struct Sampling {
 }
 
 const SAMPLE_BLOCK: usize = 64;
+/// The sample's pieces are read in this many groups (jobs; the result does not depend on it).
+const SAMPLE_GROUPS: usize = 16;
 const SAMPLING: Sampling = Sampling { stride: 2048, full: 1 << 17, z: 5.0, slack: SAMPLE_BLOCK as f64, shift: 0.0 };
 
 /// The 0-based rank (ascending abs value, over all d merged entries) of each task's threshold:
@@ -1040,7 +1042,14 @@ fn threshold_rank(d: usize, k: f64) -> Option<usize> {
 /// statistics of a sample of its abs values (the same deterministic positions for every task).
 /// Also returns the number of entries the merge pass can be expected to defer (those with some task's
 /// value inside its window), estimated from the sample, in all and per tensor.
-fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling) -> (Vec<Window>, Expected) {
+/// The pieces are read in groups as jobs on `exec`, the windows chosen in one job per task.
+fn sample_windows(
+    flat: &Flat<'_>,
+    src: &dyn TaskVectors,
+    q: usize,
+    s: Sampling,
+    exec: &dyn Executor,
+) -> (Vec<Window>, Expected) {
     use rand::RngExt;
     let d = flat.total();
     let stride = if d <= s.full { SAMPLE_BLOCK } else { s.stride.max(SAMPLE_BLOCK) };
@@ -1076,48 +1085,61 @@ fn sample_windows(flat: &Flat<'_>, src: &dyn TaskVectors, q: usize, s: Sampling)
         }
     }
     // Piece by piece, every task at once (the pieces are far apart in memory; one piece's rows are
-    // independent reads whose cache misses overlap).
+    // independent reads whose cache misses overlap); the pieces in groups, one job each.
     let tasks = flat.tasks();
-    let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(n_s)).collect();
-    let mut buf = [0.0f32; SAMPLE_BLOCK];
-    let mut bits = [0u32; SAMPLE_BLOCK];
-    for &(k, off, n) in &pieces {
-        for (t, sample) in samples.iter_mut().enumerate() {
-            src.fill(t, k, off, &mut buf[..n]);
-            for (b, x) in bits.iter_mut().zip(&buf) {
-                *b = x.abs().to_bits();
+    let groups: Vec<&[(usize, usize, usize)]> = pieces.chunks(pieces.len().div_ceil(SAMPLE_GROUPS).max(1)).collect();
+    let gather = |_: usize, group: &[(usize, usize, usize)]| -> Vec<Vec<u32>> {
+        let len: usize = group.iter().map(|p| p.2).sum();
+        let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(len)).collect();
+        let mut buf = [0.0f32; SAMPLE_BLOCK];
+        let mut bits = [0u32; SAMPLE_BLOCK];
+        for &(k, off, n) in group {
+            for (t, sample) in samples.iter_mut().enumerate() {
+                src.fill(t, k, off, &mut buf[..n]);
+                for (b, x) in bits.iter_mut().zip(&buf) {
+                    *b = x.abs().to_bits();
+                }
+                sample.extend_from_slice(&bits[..n]);
             }
-            sample.extend_from_slice(&bits[..n]);
         }
-    }
-    let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
-    let windows: Vec<Window> = samples
-        .iter()
-        .map(|sample| {
-            scratch.clear();
-            scratch.extend_from_slice(sample);
-            let (lo, right) = if lo_r < 0.0 {
-                (1, &mut scratch[..])
-            } else if (lo_r as usize) < n_s {
-                let (_, &mut lo, right) = scratch.select_nth_unstable(lo_r as usize);
-                (lo.max(1), right)
-            } else {
-                (0x8000_0000, &mut scratch[n_s..])
-            };
-            let hi = if hi_r < 0.0 {
-                0
-            } else {
-                let h = hi_r as usize - (n_s - right.len());
-                if h < right.len() { *right.select_nth_unstable(h).1 + 1 } else { 0x8000_0000 }
-            };
-            Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
-        })
-        .collect();
+        samples
+    };
+    let order: Vec<usize> = (0..groups.len()).collect();
+    // parts[g][t]: task t's sampled abs bits in group g (the sample is the groups in order).
+    let parts = map_jobs(exec, groups, &order, gather);
+    // Per task (one job each): the window from the order statistics of its whole sample.
+    let window = |t: usize, (): ()| -> Window {
+        let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
+        for part in &parts {
+            scratch.extend_from_slice(&part[t]);
+        }
+        let (lo, right) = if lo_r < 0.0 {
+            (1, &mut scratch[..])
+        } else if (lo_r as usize) < n_s {
+            let (_, &mut lo, right) = scratch.select_nth_unstable(lo_r as usize);
+            (lo.max(1), right)
+        } else {
+            (0x8000_0000, &mut scratch[n_s..])
+        };
+        let hi = if hi_r < 0.0 {
+            0
+        } else {
+            let h = hi_r as usize - (n_s - right.len());
+            if h < right.len() { *right.select_nth_unstable(h).1 + 1 } else { 0x8000_0000 }
+        };
+        Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
+    };
+    let order: Vec<usize> = (0..tasks).collect();
+    let windows = map_jobs(exec, vec![(); tasks], &order, window);
     // The sampled entries (same positions in every task) with some value inside its window.
-    let mut inside = vec![false; n_s];
-    for (sample, w) in samples.iter().zip(&windows) {
-        for (f, &bits) in inside.iter_mut().zip(sample) {
-            *f |= bits >= w.lo && bits < w.hi;
+    let mut inside = Vec::with_capacity(n_s);
+    for part in &parts {
+        let start = inside.len();
+        inside.resize(start + part.first().map_or(0, Vec::len), false);
+        for (sample, w) in part.iter().zip(&windows) {
+            for (f, &bits) in inside[start..].iter_mut().zip(sample) {
+                *f |= bits >= w.lo && bits < w.hi;
+            }
         }
     }
     // Each sampled entry stands for d / n_s entries.
@@ -1225,7 +1247,7 @@ fn ties_with(
             (Trim::Global(vec![None; tasks]), pass, Path::Sampled)
         }
         (Scope::Global, Some(q)) => {
-            let (windows, expected) = sample_windows(flat, src, q, sampling);
+            let (windows, expected) = sample_windows(flat, src, q, sampling, exec);
             let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
             let sampled = if expected.total <= limit as f64 {
                 // Room for a few more than the sample's estimate.
@@ -1589,7 +1611,12 @@ mod tests {
         let flat = Flat::new(&input);
         let opt = TiesOptions { k: 0.2, lambda: 0.3, aggregate: Aggregate::Sum, scope: Scope::Global };
         let q = threshold_rank(flat.total(), opt.k).unwrap();
-        let (windows, estimate) = sample_windows(&flat, &flat, q, SAMPLING);
+        let (windows, estimate) = sample_windows(&flat, &flat, q, SAMPLING, &Sequential);
+        // The sample's groups and the tasks' windows as jobs in other orders: the same windows.
+        for exec in [&Reverse as &dyn Executor, &Shuffled] {
+            let (w, e) = sample_windows(&flat, &flat, q, SAMPLING, exec);
+            assert_eq!((w, e.total, e.per_tensor), (windows.clone(), estimate.total, estimate.per_tensor.clone()));
+        }
         let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
         let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), &[], usize::MAX, &Sequential);
         let deferred = pass.deferred_count();
