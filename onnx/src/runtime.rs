@@ -304,6 +304,27 @@ fn session_builder(opts: &RuntimeOptions) -> Result<ort::session::builder::Sessi
     keep_freed_memory();
     b = crate::graph::custom::register(b).map_err(RuntimeError::ort("register the fused backward kernels"))?;
     b = diagnostics(b)?;
+    b = config_entries(b)?;
+    Ok(b)
+}
+
+/// `MERGEATTACK_ORT_CONFIG=key=value,key=value` (a diagnostic for engine work, e.g. thread-pool
+/// settings compared with `MERGEATTACK_BENCH_AB`): ONNX Runtime session configuration entries
+/// set after the tool's own (`session.intra_op.allow_spinning=1` turns spinning back on).
+fn config_entries(
+    mut b: ort::session::builder::SessionBuilder,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    let Ok(list) = std::env::var("MERGEATTACK_ORT_CONFIG") else {
+        return Ok(b);
+    };
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(RuntimeError::Options(format!("MERGEATTACK_ORT_CONFIG entry `{entry}` is not key=value")));
+        };
+        b = b
+            .with_config_entry(key.trim(), value.trim())
+            .map_err(|e| RuntimeError::ort(format!("set session option `{key}`"))(e.into()))?;
+    }
     Ok(b)
 }
 
