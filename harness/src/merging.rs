@@ -721,6 +721,8 @@ mod tests {
             ("ties", &[("scope", "tensor")]),
             ("task-arithmetic", &[]),
             ("dare", &[("base", "ties")]),
+            ("dare", &[("base", "ties"), ("rescale", "l1"), ("p", "0.3")]),
+            ("dare", &[]),
         ];
         for (name, kv) in cases {
             let method = merge::lookup(name).unwrap();

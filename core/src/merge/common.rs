@@ -65,6 +65,15 @@ impl<'s> Flat<'s> {
         order
     }
 
+    /// One empty output vector per tensor with room for its entries, allocated on the calling
+    /// thread: per-tensor jobs on other threads fill them, so every merge output comes from the
+    /// caller's heap whatever the executor (another thread's allocations would come from its own
+    /// allocator arena, which the next merge on the caller's thread cannot reuse: fresh pages,
+    /// faulted and zeroed again; on this VM that cost task-arithmetic its 2-thread speed-up).
+    pub fn output_buffers(&self) -> Vec<Vec<f32>> {
+        (0..self.names.len()).map(|k| Vec::with_capacity(self.len(k))).collect()
+    }
+
     /// Total entries over the merged tensors.
     pub fn total(&self) -> usize {
         self.base.iter().map(|b| b.len()).sum()
@@ -322,11 +331,10 @@ pub(crate) fn weighted_sum_on(
     coef: &[f32],
     exec: &dyn Executor,
 ) -> ParamSet<'static> {
-    let tensor = |k: usize, (): ()| {
+    let tensor = |k: usize, mut out: Vec<f32>| {
         let n = flat.len(k);
         let mut scratch = RowScratch::new(flat.tasks(), src.plain(), n);
         let mut tmp = vec![0.0f32; n.min(CHUNK)];
-        let mut out = Vec::with_capacity(n);
         for off in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - off);
             let rows = chunk_rows(flat, src, &mut scratch, k, off, len, None);
@@ -336,7 +344,7 @@ pub(crate) fn weighted_sum_on(
         }
         out
     };
-    let values = map_jobs(exec, vec![(); flat.names.len()], &flat.largest_first(), tensor);
+    let values = map_jobs(exec, flat.output_buffers(), &flat.largest_first(), tensor);
     flat.output(values)
 }
 
@@ -792,12 +800,27 @@ fn merge_pass(
     };
     let count = matches!(mode, Mode::Windows(_));
     let deferred_so_far = AtomicUsize::new(0);
-    let job = |kk: usize, (): ()| {
-        let room = room.get(kk).map_or(0, |&r| r.min(flat.len(kk)).min(limit));
+    // Each job's output and deferred lists are allocated here, on the calling thread (see
+    // [`Flat::output_buffers`]).
+    let buffers: Vec<(Vec<f32>, Deferred)> = flat
+        .output_buffers()
+        .into_iter()
+        .enumerate()
+        .map(|(kk, out)| {
+            let room = room.get(kk).map_or(0, |&r| r.min(flat.len(kk)).min(limit));
+            let deferred = Deferred {
+                at: Vec::with_capacity(room),
+                base: Vec::with_capacity(room),
+                values: (0..tasks).map(|_| Vec::with_capacity(room)).collect(),
+            };
+            (out, deferred)
+        })
+        .collect();
+    let job = |kk: usize, (out, deferred): (Vec<f32>, Deferred)| {
         let shared = Shared { flat, src, opt, pre, cuts: &cuts, count, limit, deferred_so_far: &deferred_so_far };
-        tensor_pass(&shared, kk, room)
+        tensor_pass(&shared, kk, out, deferred)
     };
-    let parts = map_jobs(exec, vec![(); flat.names.len()], &flat.largest_first(), job);
+    let parts = map_jobs(exec, buffers, &flat.largest_first(), job);
     let mut pass = PassOut {
         values: Vec::with_capacity(parts.len()),
         sign_total: 0,
@@ -830,9 +853,9 @@ struct Shared<'a, 's> {
     deferred_so_far: &'a AtomicUsize,
 }
 
-/// [`merge_pass`] on tensor `kk`, with room for `room` deferred entries; stops early (overflow)
-/// once the jobs together have deferred more than the limit.
-fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, room: usize) -> TensorPass {
+/// [`merge_pass`] on tensor `kk`, writing into `out` and `deferred` (empty, with capacity); stops
+/// early (overflow) once the jobs together have deferred more than the limit.
+fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: Deferred) -> TensorPass {
     let Shared { flat, src, opt, pre, cuts, count, limit, deferred_so_far } = *sh;
     let tasks = flat.tasks();
     let n = flat.len(kk);
@@ -844,14 +867,8 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, room: usize) -> TensorPass {
     let mut picked: Vec<usize> = Vec::with_capacity(stride);
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
-    let mut deferred = Deferred {
-        at: Vec::with_capacity(room),
-        base: Vec::with_capacity(room),
-        values: (0..tasks).map(|_| Vec::with_capacity(room)).collect(),
-    };
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
     let zero_sign = if opt.scope == Scope::Tensor { 1.0 } else { 0.0 };
-    let mut out = Vec::with_capacity(n);
     for off in (0..n).step_by(CHUNK) {
         let len = CHUNK.min(n - off);
         let base = &flat.base[kk][off..off + len];
@@ -1174,15 +1191,10 @@ struct Expected {
 /// too many entries, the exact path runs: a pass that collects the members of each threshold's
 /// bucket, then the merge pass with the exact thresholds.
 ///
-/// On the calling thread; [`ties_on`] runs the passes over the tensors as jobs on an executor.
-pub(crate) fn ties(flat: &Flat<'_>, src: &dyn TaskVectors, opt: &TiesOptions) -> ParamSet<'static> {
-    ties_on(flat, src, opt, &Sequential)
-}
-
-/// [`ties`] with the merge pass, the settling of the deferred entries and the per-tensor trim
-/// keys run as jobs on `exec` (one per tensor or per task), bitwise the same for any executor.
-/// The sample of the windows, the fallbacks' histogram and bucket passes and the few undecided
-/// entries stay on the calling thread.
+/// The sample of the windows, the merge pass, the settling of the deferred entries and the
+/// per-tensor trim keys run as jobs on `exec` (per group of sample pieces, tensor or task),
+/// bitwise the same for any executor; the fallbacks' histogram and bucket passes and the few
+/// undecided entries stay on the calling thread.
 pub(crate) fn ties_on(
     flat: &Flat<'_>,
     src: &dyn TaskVectors,

@@ -6,7 +6,8 @@ use alloc::vec::Vec;
 
 use rand_chacha::rand_core::Rng;
 
-use super::common::{Flat, TaskVectors, drop_rate, finite, raw_weights, ties, weighted_sum};
+use super::common::{Flat, TaskVectors, drop_rate, finite, raw_weights, ties_on, weighted_sum_on};
+use super::executor::{Executor, Sequential};
 use super::{MergeError, MergeInput, MergeMethod, MergeOutput, ParamSpec, Params, require_models};
 
 pub struct Dare;
@@ -86,6 +87,15 @@ impl MergeMethod for Dare {
         params.get("base") != Some("ties") || params.get("scope") == Some("tensor")
     }
     fn merge<'s>(&self, input: &MergeInput<'s, '_>, params: &Params) -> Result<MergeOutput<'s>, MergeError> {
+        self.merge_on(input, params, &Sequential)
+    }
+    /// Each tensor a job on `exec` (the TIES pass or the weighted sum); bitwise the same result.
+    fn merge_on<'s>(
+        &self,
+        input: &MergeInput<'s, '_>,
+        params: &Params,
+        exec: &dyn Executor,
+    ) -> Result<MergeOutput<'s>, MergeError> {
         require_models(self.name(), input, 1, "at least 1 fine-tuned model")?;
         let p = drop_rate(params, "p", 0.5)?;
         let base = params.choice_or("base", &["task-arithmetic", "ties"], "task-arithmetic")?;
@@ -120,11 +130,11 @@ impl MergeMethod for Dare {
         let merged = if base == "ties" {
             super::common::reject_weights("dare (base=ties)", input)?;
             let opt = super::ties::options(params, 0.5)?;
-            ties(&flat, &src, &opt)
+            ties_on(&flat, &src, &opt, exec)
         } else {
             let lambda = finite(params, "lambda", 0.3)?;
             let coef: Vec<f32> = raw_weights(input)?.iter().map(|w| lambda * w).collect();
-            weighted_sum(&flat, &src, &coef)
+            weighted_sum_on(&flat, &src, &coef, exec)
         };
         Ok(MergeOutput::Single(merged))
     }

@@ -85,8 +85,9 @@ pub struct DataMergeArgs {
     /// Images loaded per task and split: a seeded subset, in data-set order.
     #[arg(long, default_value_t = 1000)]
     pub images: usize,
-    /// Threads: intra-op threads of the model runs; tensors merged in parallel by the methods that
-    /// merge each tensor on its own (results do not depend on it).
+    /// Threads: intra-op threads of the model runs; tensors merged in parallel (one job per
+    /// tensor; ties, task-arithmetic and dare also split their global passes); results do not
+    /// depend on it.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Images per model run.
@@ -197,8 +198,10 @@ pub fn merge_files(spec: &MergeSpec, out: &Path) -> Result<MergeReport, MergeCmd
     merge_files_threads(spec, out, 1)
 }
 
-/// [`merge_files`] on `threads` threads: tensorwise methods merge their tensors in parallel, with
-/// bitwise the same result whatever the thread count.
+/// [`merge_files`] on `threads` threads: tensorwise methods merge their tensors in parallel, and
+/// methods with a global step (ties, dare over ties) run their per-tensor passes as jobs on the
+/// threads ([`crate::merging::merge_data_free`]), with bitwise the same result whatever the
+/// thread count.
 pub fn merge_files_threads(spec: &MergeSpec, out: &Path, threads: usize) -> Result<MergeReport, MergeCmdError> {
     let start = Instant::now();
     let method = lookup(&spec.method)?;
