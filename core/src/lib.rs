@@ -9,6 +9,7 @@ extern crate alloc;
 
 pub mod attack;
 pub mod classifier;
+pub mod cpu;
 pub mod linalg;
 pub mod merge;
 pub mod metrics;

@@ -14,6 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::executor::{Executor, Sequential, map_jobs};
 use super::{MergeError, MergeInput, Params, check_range};
+use crate::cpu::Simd;
 use crate::tensor::{ParamSet, Tensor};
 
 /// Entries per chunk: small enough that T chunks stay in L1/L2, large enough to amortise calls.
@@ -679,11 +680,13 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
         let mut trimmed = [0u32; W];
         for l in 0..W {
             let x = m[l] - s[l];
-            let bits = x.abs().to_bits() as i32;
-            let d = bits - c.lo;
-            flag[l] |= u32::from(d >= 0 && d < c.width && bits != 0);
-            trimmed[l] = u32::from(bits < c.lo);
-            let x = if bits < c.lo { 0.0 } else { x };
+            // Both below 2^31: d < 0 exactly when the value is trimmed, and (as unsigned) below
+            // the width exactly when it lies in the band (lo >= 1 whenever width > 0, so a zero
+            // is never in a band).
+            let d = (x.abs().to_bits() as i32).wrapping_sub(c.lo);
+            flag[l] |= u32::from((d as u32) < c.width as u32);
+            trimmed[l] = u32::from(d < 0);
+            let x = if d < 0 { 0.0 } else { x };
             sum[l] += x;
             pos[l] += if x > 0.0 { x } else { 0.0 };
             neg[l] += if x < 0.0 { x } else { 0.0 };
@@ -698,39 +701,34 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
             }
         }
     }
-    // The election as branch-free 0/1 arithmetic (so that it vectorises): p, q, z are exclusive,
-    // so e = p - q + z * zero_sign is +1, -1, zero_sign or 0 exactly as the case analysis. Some
-    // value is nonzero exactly when the positive sum is > 0 or the negative one < 0 (a sum of
-    // same-signed values is never smaller in magnitude than any of them).
-    let mut votes = [0.0f32; W];
-    let mut und = [0.0f32; W];
+    // The election as branch-free lane masks (so that it vectorises at any width): p, q, z are
+    // exclusive, so the elected sign is +1 on p, -1 on q, zero_sign on z and 0 on flagged lanes,
+    // exactly as the case analysis. Some value is nonzero exactly when the positive sum is > 0
+    // or the negative one < 0 (a sum of same-signed values is never smaller in magnitude than any
+    // of them).
+    let (zs_pos, zs_neg) = (mask(zero_sign > 0.0), mask(zero_sign < 0.0));
+    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
+    let mut votes = [0i32; W];
     let mut acc = [0.0f32; W];
     let mut cnt = [0.0f32; W];
+    let fl: &mut [u32; W] = (&mut flags[j..j + W]).try_into().expect("block");
     for l in 0..W {
-        let open = if flag[l] == 0 { 1.0f32 } else { 0.0 };
-        let gt = if sum[l] > 0.0 { 1.0f32 } else { 0.0 };
-        let lt = if sum[l] < 0.0 { 1.0f32 } else { 0.0 };
-        let p = gt * open;
-        let q = lt * open;
-        let z = (1.0 - gt - lt) * open;
-        votes[l] = p - q;
-        let e = (p - q) + z * zero_sign;
-        let any = pos[l] > 0.0 || neg[l] < 0.0;
-        und[l] = if any { z } else { 0.0 };
-        // acc = pos where e > 0, neg where e < 0, else 0 (as bit masks: this vectorises).
-        let (pm, nm) = (mask(e > 0.0), mask(e < 0.0));
+        let open = mask(flag[l] == 0);
+        let (gt, lt) = (mask(sum[l] > 0.0), mask(sum[l] < 0.0));
+        let p = gt & open;
+        let q = lt & open;
+        let z = !(gt | lt) & open;
+        votes[l] = (p & 1) as i32 - (q & 1) as i32;
+        let any = mask(pos[l] > 0.0) | mask(neg[l] < 0.0);
+        fl[l] = flag[l] | (any & z & undecided_bit);
+        // acc = pos where the elected sign is +1, neg where it is -1, else 0.
+        let (pm, nm) = (p | (z & zs_pos), q | (z & zs_neg));
         acc[l] = f32::from_bits((pos[l].to_bits() & pm) | (neg[l].to_bits() & nm));
         if MEAN {
             cnt[l] = f32::from_bits((npos[l].to_bits() & pm) | (nneg[l].to_bits() & nm));
         }
     }
-    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
-    let fl: &mut [u32; W] = (&mut flags[j..j + W]).try_into().expect("block");
-    for l in 0..W {
-        fl[l] = flag[l] | if und[l] != 0.0 { undecided_bit } else { 0 };
-    }
-    // At most W votes of +-1: exact in f32.
-    let total = votes.iter().sum::<f32>() as i32;
+    let total = votes.iter().sum::<i32>();
     let b: &[f32; W] = base[j..j + W].try_into().expect("block");
     for l in 0..W {
         out[j + l] = if MEAN { b[l] + lambda * (acc[l] / cnt[l].max(1.0)) } else { b[l] + lambda * acc[l] };
@@ -738,19 +736,25 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
     total
 }
 
-/// [`ties_block`] over one chunk: blocks of [`TIES_LANES`], then one entry at a time.
-#[allow(clippy::too_many_arguments)]
-fn ties_chunk<const MEAN: bool, const COUNT: bool>(
-    rows: &[&[f32]],
-    sub: &[f32],
-    base: &[f32],
-    cuts: &[Cut],
+/// One chunk for the TIES kernel: the task rows, what they are measured from (`sub`, the task
+/// vectors are `rows[t] - sub`), the base, the per-task cuts, and where its results go.
+struct Chunk<'a> {
+    rows: &'a [&'a [f32]],
+    sub: &'a [f32],
+    base: &'a [f32],
+    cuts: &'a [Cut],
     zero_sign: f32,
     lambda: f32,
-    out: &mut [f32],
-    flags: &mut [u32],
-    below: &mut [[u32; TIES_LANES]],
-) -> i32 {
+    out: &'a mut [f32],
+    flags: &'a mut [u32],
+    below: &'a mut [[u32; TIES_LANES]],
+}
+
+/// [`ties_block`] over one chunk: blocks of [`TIES_LANES`], then one entry at a time. Inlined into
+/// each instruction-set variant of [`ties_kernel`].
+#[inline(always)]
+fn ties_chunk<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
+    let Chunk { rows, sub, base, cuts, zero_sign, lambda, out, flags, below } = c;
     let len = out.len();
     let full = len / TIES_LANES * TIES_LANES;
     let mut total = 0;
@@ -761,6 +765,122 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(
         total += ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
     }
     total
+}
+
+/// [`ties_chunk`] in AVX2 registers: each block of [`TIES_LANES`] entries in one 256-bit register
+/// per quantity, the same IEEE operations in the same order as [`ties_block`] (sub, abs, trim,
+/// the three sums, the election by lane masks, `base + lambda * merged`, no fused multiply-add),
+/// so the results are bitwise the same (tested against the naive reference); the tail entries
+/// go through [`ties_block`]. `max(x, 0)` and `min(x, 0)` return the second operand for zeros of
+/// either sign, so they are exactly `if x > 0 { x } else { 0 }` and `if x < 0 { x } else { 0 }`.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`Simd::detect`] returned [`Simd::Avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code, unused_unsafe)]
+unsafe fn ties_chunk_avx2<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
+    use core::arch::x86_64::*;
+    const _: () = assert!(TIES_LANES == 8);
+    let Chunk { rows, sub, base, cuts, zero_sign, lambda, out, flags, below } = c;
+    let len = out.len();
+    let full = len / TIES_LANES * TIES_LANES;
+    let mut total = 0i32;
+    // SAFETY: AVX2 is enabled for this function; every load and store is of 8 lanes inside a
+    // slice bounds-checked just before (`[j..j + 8]`).
+    unsafe {
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let abs_mask = _mm256_set1_epi32(0x7fff_ffff);
+        let min = _mm256_set1_epi32(i32::MIN);
+        let zs_pos = _mm256_set1_epi32(mask(zero_sign > 0.0) as i32);
+        let zs_neg = _mm256_set1_epi32(mask(zero_sign < 0.0) as i32);
+        let undecided_bit = _mm256_set1_epi32(if zero_sign == 0.0 { UNDECIDED as i32 } else { 0 });
+        let deferred_bit = _mm256_set1_epi32(DEFERRED as i32);
+        let lambda = _mm256_set1_ps(lambda);
+        let ld = |v: &[f32], j: usize| _mm256_loadu_ps(v[j..j + 8].as_ptr());
+        for j in (0..full).step_by(TIES_LANES) {
+            let s = ld(sub, j);
+            let (mut sum, mut pos, mut neg, mut npos, mut nneg) = (zero, zero, zero, zero, zero);
+            let mut band = _mm256_setzero_si256();
+            for ((m, &c), bl) in rows.iter().zip(cuts).zip(below.iter_mut()) {
+                let x = _mm256_sub_ps(ld(m, j), s);
+                let d = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(x), abs_mask), _mm256_set1_epi32(c.lo));
+                // (d as u32) < width, as a signed compare with both sides' sign bits flipped.
+                let width = _mm256_set1_epi32(c.width ^ i32::MIN);
+                band = _mm256_or_si256(band, _mm256_cmpgt_epi32(width, _mm256_xor_si256(d, min)));
+                let trimmed = _mm256_srai_epi32::<31>(d);
+                if COUNT {
+                    let at = bl.as_mut_ptr() as *mut __m256i;
+                    _mm256_storeu_si256(at, _mm256_sub_epi32(_mm256_loadu_si256(at), trimmed));
+                }
+                let x = _mm256_andnot_ps(_mm256_castsi256_ps(trimmed), x);
+                sum = _mm256_add_ps(sum, x);
+                pos = _mm256_add_ps(pos, _mm256_max_ps(x, zero));
+                neg = _mm256_add_ps(neg, _mm256_min_ps(x, zero));
+                if MEAN {
+                    npos = _mm256_add_ps(npos, _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, zero), one));
+                    nneg = _mm256_add_ps(nneg, _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, zero), one));
+                }
+            }
+            let open = _mm256_cmpeq_epi32(band, _mm256_setzero_si256());
+            let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(sum, zero));
+            let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(sum, zero));
+            let p = _mm256_and_si256(gt, open);
+            let q = _mm256_and_si256(lt, open);
+            let z = _mm256_andnot_si256(_mm256_or_si256(gt, lt), open);
+            total += _mm256_movemask_ps(_mm256_castsi256_ps(p)).count_ones() as i32
+                - _mm256_movemask_ps(_mm256_castsi256_ps(q)).count_ones() as i32;
+            let any = _mm256_castps_si256(_mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(pos, zero),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(neg, zero),
+            ));
+            let fl = _mm256_or_si256(
+                _mm256_and_si256(band, deferred_bit),
+                _mm256_and_si256(_mm256_and_si256(any, z), undecided_bit),
+            );
+            _mm256_storeu_si256(flags[j..j + 8].as_mut_ptr() as *mut __m256i, fl);
+            let pm = _mm256_castsi256_ps(_mm256_or_si256(p, _mm256_and_si256(z, zs_pos)));
+            let nm = _mm256_castsi256_ps(_mm256_or_si256(q, _mm256_and_si256(z, zs_neg)));
+            let mut merged = _mm256_or_ps(_mm256_and_ps(pos, pm), _mm256_and_ps(neg, nm));
+            if MEAN {
+                let cnt = _mm256_or_ps(_mm256_and_ps(npos, pm), _mm256_and_ps(nneg, nm));
+                merged = _mm256_div_ps(merged, _mm256_max_ps(cnt, one));
+            }
+            let o = _mm256_add_ps(ld(base, j), _mm256_mul_ps(lambda, merged));
+            _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), o);
+        }
+    }
+    for j in full..len {
+        total += ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
+    }
+    total
+}
+
+/// The TIES kernel on one chunk, with the aggregation, the trimmed-value counting (`count`) and
+/// the instruction set chosen at run time. Returns the sum of the elected signs of the decided
+/// entries.
+#[allow(unsafe_code)]
+fn ties_kernel(simd: Simd, aggregate: Aggregate, count: bool, c: Chunk<'_>) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        // SAFETY: `Simd::Avx2` comes only from `Simd::detect`, which checked the CPU and the OS.
+        return unsafe {
+            match (aggregate, count) {
+                (Aggregate::Sum, false) => ties_chunk_avx2::<false, false>(c),
+                (Aggregate::Mean, false) => ties_chunk_avx2::<true, false>(c),
+                (Aggregate::Sum, true) => ties_chunk_avx2::<false, true>(c),
+                (Aggregate::Mean, true) => ties_chunk_avx2::<true, true>(c),
+            }
+        };
+    }
+    let _ = simd;
+    match (aggregate, count) {
+        (Aggregate::Sum, false) => ties_chunk::<false, false>(c),
+        (Aggregate::Mean, false) => ties_chunk::<true, false>(c),
+        (Aggregate::Sum, true) => ties_chunk::<false, true>(c),
+        (Aggregate::Mean, true) => ties_chunk::<true, true>(c),
+    }
 }
 
 /// One chunked pass: trim, elect signs, disjoint merge; entries that `mode`'s windows leave
@@ -780,6 +900,7 @@ fn merge_pass(
     mode: Mode<'_>,
     room: &[usize],
     limit: usize,
+    simd: Simd,
     exec: &dyn Executor,
 ) -> PassOut {
     let tasks = flat.tasks();
@@ -817,7 +938,7 @@ fn merge_pass(
         })
         .collect();
     let job = |kk: usize, (out, deferred): (Vec<f32>, Deferred)| {
-        let shared = Shared { flat, src, opt, pre, cuts: &cuts, count, limit, deferred_so_far: &deferred_so_far };
+        let shared = Shared { flat, src, opt, pre, cuts: &cuts, count, limit, simd, deferred_so_far: &deferred_so_far };
         tensor_pass(&shared, kk, out, deferred)
     };
     let parts = map_jobs(exec, buffers, &flat.largest_first(), job);
@@ -850,13 +971,14 @@ struct Shared<'a, 's> {
     cuts: &'a [Cut],
     count: bool,
     limit: usize,
+    simd: Simd,
     deferred_so_far: &'a AtomicUsize,
 }
 
 /// [`merge_pass`] on tensor `kk`, writing into `out` and `deferred` (empty, with capacity); stops
 /// early (overflow) once the jobs together have deferred more than the limit.
 fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: Deferred) -> TensorPass {
-    let Shared { flat, src, opt, pre, cuts, count, limit, deferred_so_far } = *sh;
+    let Shared { flat, src, opt, pre, cuts, count, limit, simd, deferred_so_far } = *sh;
     let tasks = flat.tasks();
     let n = flat.len(kk);
     let stride = n.clamp(1, CHUNK);
@@ -874,13 +996,18 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         let base = &flat.base[kk][off..off + len];
         let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
         let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
-        let (r, sub, lambda, bl) = (&rows.rows[..], rows.sub, opt.lambda, &mut below[..]);
-        let total = match (opt.aggregate, count) {
-            (Aggregate::Sum, false) => ties_chunk::<false, false>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
-            (Aggregate::Mean, false) => ties_chunk::<true, false>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
-            (Aggregate::Sum, true) => ties_chunk::<false, true>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
-            (Aggregate::Mean, true) => ties_chunk::<true, true>(r, sub, base, cuts, zero_sign, lambda, o, flags, bl),
+        let chunk = Chunk {
+            rows: &rows.rows,
+            sub: rows.sub,
+            base,
+            cuts,
+            zero_sign,
+            lambda: opt.lambda,
+            out: o,
+            flags,
+            below: &mut below,
         };
+        let total = ties_kernel(simd, opt.aggregate, count, chunk);
         sign_total += i64::from(total);
         out.extend_from_slice(o);
         // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
@@ -925,6 +1052,7 @@ fn settle(
     q: usize,
     opt: &TiesOptions,
     pass: &mut PassOut,
+    simd: Simd,
     exec: &dyn Executor,
 ) -> Option<Vec<Option<f32>>> {
     let tasks = windows.len();
@@ -965,12 +1093,19 @@ fn settle(
         for off in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - off);
             let rows: Vec<&[f32]> = d.values.iter().map(|col| &col[off..off + len]).collect();
-            let (base, sub, o, fl) = (&d.base[off..off + len], &zeros[..len], &mut out[..len], &mut flags[..len]);
-            let (cuts, lambda, bl) = (&cuts[..], opt.lambda, &mut below[..]);
-            let total = match opt.aggregate {
-                Aggregate::Sum => ties_chunk::<false, false>(&rows, sub, base, cuts, 0.0, lambda, o, fl, bl),
-                Aggregate::Mean => ties_chunk::<true, false>(&rows, sub, base, cuts, 0.0, lambda, o, fl, bl),
+            let chunk = Chunk {
+                rows: &rows,
+                sub: &zeros[..len],
+                base: &d.base[off..off + len],
+                cuts: &cuts,
+                zero_sign: 0.0,
+                lambda: opt.lambda,
+                out: &mut out[..len],
+                flags: &mut flags[..len],
+                below: &mut below,
             };
+            let total = ties_kernel(simd, opt.aggregate, false, chunk);
+            let (o, fl) = (&out[..len], &flags[..len]);
             sign_total += i64::from(total);
             let at = &d.at[off..off + len];
             // The deferred entries are sparse in the outputs: each group's output lines are read
@@ -1201,7 +1336,7 @@ pub(crate) fn ties_on(
     opt: &TiesOptions,
     exec: &dyn Executor,
 ) -> ParamSet<'static> {
-    ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING, exec).0
+    ties_with(flat, src, opt, deferral_limit(flat.total()), SAMPLING, Simd::detect(), exec).0
 }
 
 /// Which way [`ties_with`] went.
@@ -1228,13 +1363,14 @@ fn window_pass(
     q: usize,
     room: &[usize],
     limit: usize,
+    simd: Simd,
     exec: &dyn Executor,
 ) -> Option<(Trim, PassOut)> {
-    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), room, limit, exec);
+    let mut pass = merge_pass(flat, src, opt, Mode::Windows(windows), room, limit, simd, exec);
     if pass.overflow {
         return None;
     }
-    settle(windows, q, opt, &mut pass, exec).map(|thr| (Trim::Global(thr), pass))
+    settle(windows, q, opt, &mut pass, simd, exec).map(|thr| (Trim::Global(thr), pass))
 }
 
 fn ties_with(
@@ -1243,19 +1379,20 @@ fn ties_with(
     opt: &TiesOptions,
     limit: usize,
     sampling: Sampling,
+    simd: Simd,
     exec: &dyn Executor,
 ) -> (ParamSet<'static>, Path) {
     let tasks = flat.tasks();
     let (trim, mut pass, path) = match (opt.scope, threshold_rank(flat.total(), opt.k)) {
         (Scope::Tensor, _) => {
             let trim = Trim::Tensor(tensor_keys(flat, src, opt.k, exec));
-            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, exec);
+            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, simd, exec);
             (trim, pass, Path::Tensor)
         }
         (Scope::Global, None) => {
             // Nothing trimmed, nothing deferred.
             let windows = vec![None; tasks];
-            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), &[], usize::MAX, exec);
+            let pass = merge_pass(flat, src, opt, Mode::Windows(&windows), &[], usize::MAX, simd, exec);
             (Trim::Global(vec![None; tasks]), pass, Path::Sampled)
         }
         (Scope::Global, Some(q)) => {
@@ -1264,7 +1401,7 @@ fn ties_with(
             let sampled = if expected.total <= limit as f64 {
                 // Room for a few more than the sample's estimate.
                 let room: Vec<usize> = expected.per_tensor.iter().map(|&e| (e * 1.05) as usize + 256).collect();
-                window_pass(flat, src, opt, &windows, q, &room, limit, exec)
+                window_pass(flat, src, opt, &windows, q, &room, limit, simd, exec)
             } else {
                 None
             };
@@ -1285,7 +1422,7 @@ fn ties_with(
                         let room: Vec<usize> = (0..flat.names.len())
                             .map(|k| (counted as f64 * flat.len(k) as f64 / d) as usize + 256)
                             .collect();
-                        window_pass(flat, src, opt, &windows, q, &room, limit, exec)
+                        window_pass(flat, src, opt, &windows, q, &room, limit, simd, exec)
                     } else {
                         None
                     };
@@ -1293,7 +1430,7 @@ fn ties_with(
                         Some((trim, pass)) => (trim, pass, Path::Histogram),
                         None => {
                             let trim = Trim::Global(band_thresholds(flat, src, &bands));
-                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, exec);
+                            let pass = merge_pass(flat, src, opt, Mode::Exact(&trim), &[], usize::MAX, simd, exec);
                             (trim, pass, Path::Exact)
                         }
                     }
@@ -1553,12 +1690,14 @@ mod tests {
                             ("wide", flat.total() / 2, wide),
                         ];
                         for (what, limit, sampling) in runs {
-                            let (out, path) = ties_with(&flat, src, &opt, limit, sampling, &Sequential);
+                            // The baseline kernel here, the widest this CPU has below (AVX2 on
+                            // x86-64 CI machines): both against the reference.
+                            let (out, path) = ties_with(&flat, src, &opt, limit, sampling, Simd::Baseline, &Sequential);
                             assert_eq!(bits(&out, &names), reference, "case {case} k {k} {aggregate:?} {what}");
                             paths.push((case, k, what, path));
                             // The jobs run in other orders: the same bits, the same way taken.
                             for exec in [&Reverse as &dyn Executor, &Shuffled] {
-                                let (out, p) = ties_with(&flat, src, &opt, limit, sampling, exec);
+                                let (out, p) = ties_with(&flat, src, &opt, limit, sampling, Simd::detect(), exec);
                                 let at = "with the jobs reordered";
                                 assert_eq!(
                                     bits(&out, &names),
@@ -1630,7 +1769,8 @@ mod tests {
             assert_eq!((w, e.total, e.per_tensor), (windows.clone(), estimate.total, estimate.per_tensor.clone()));
         }
         let windows: Vec<Option<Window>> = windows.into_iter().map(Some).collect();
-        let pass = merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), &[], usize::MAX, &Sequential);
+        let pass =
+            merge_pass(&flat, &flat, &opt, Mode::Windows(&windows), &[], usize::MAX, Simd::detect(), &Sequential);
         let deferred = pass.deferred_count();
         assert!(deferred < n / 5, "{deferred} deferred of {n}");
         // The sample's estimate of the deferred entries is close.
@@ -1646,7 +1786,8 @@ mod tests {
         let reference: Vec<Vec<u32>> =
             naive(&flat, &flat, &opt).iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect();
         for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
-            let (out, path) = ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING, exec);
+            let (out, path) =
+                ties_with(&flat, &flat, &opt, deferral_limit(flat.total()), SAMPLING, Simd::detect(), exec);
             assert_eq!(path, Path::Sampled);
             assert_eq!(bits(&out, &names), reference);
         }
@@ -1654,9 +1795,9 @@ mod tests {
         // the count does not.
         for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
             let w = Mode::Windows(&windows);
-            assert!(merge_pass(&flat, &flat, &opt, w, &[], deferred - 1, exec).overflow);
+            assert!(merge_pass(&flat, &flat, &opt, w, &[], deferred - 1, Simd::detect(), exec).overflow);
             let w = Mode::Windows(&windows);
-            assert!(!merge_pass(&flat, &flat, &opt, w, &[], deferred, exec).overflow);
+            assert!(!merge_pass(&flat, &flat, &opt, w, &[], deferred, Simd::detect(), exec).overflow);
         }
     }
 
@@ -1773,7 +1914,7 @@ mod tests {
                         })
                         .collect();
                     for exec in [&Sequential as &dyn Executor, &Reverse, &Shuffled] {
-                        let (out, path) = ties_with(&flat, src, &opt, usize::MAX, SAMPLING, exec);
+                        let (out, path) = ties_with(&flat, src, &opt, usize::MAX, SAMPLING, Simd::detect(), exec);
                         assert_eq!(path, Path::Tensor);
                         assert_eq!(bits(&out, &names), reference, "k {k} {aggregate:?}");
                     }
