@@ -1012,25 +1012,30 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         out.extend_from_slice(o);
         // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
         // are listed first, then copied task by task.
+        // Within a group, the flagged lanes as a bit mask, walked bit by bit (no branch per entry).
         picked.clear();
         for (g, fs) in flags.chunks(16).enumerate() {
             if fs.iter().fold(0, |a, &f| a | f) == 0 {
                 continue;
             }
-            for (i, &f) in fs.iter().enumerate().filter(|(_, f)| **f != 0).map(|(i, f)| (g * 16 + i, f)) {
-                if f & UNDECIDED != 0 {
-                    undecided.push((kk, off + i));
-                }
-                if f & DEFERRED != 0 {
-                    picked.push(i);
-                }
+            let lanes = |bit: u32| fs.iter().enumerate().fold(0u32, |a, (i, &f)| a | (u32::from(f & bit != 0) << i));
+            let (mut und, mut def) = (lanes(UNDECIDED), lanes(DEFERRED));
+            while und != 0 {
+                undecided.push((kk, off + g * 16 + und.trailing_zeros() as usize));
+                und &= und - 1;
+            }
+            while def != 0 {
+                picked.push(g * 16 + def.trailing_zeros() as usize);
+                def &= def - 1;
             }
         }
         if !picked.is_empty() {
             deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + i) as u32)));
             deferred.base.extend(picked.iter().map(|&i| base[i]));
+            let sub = &rows.sub[..len];
             for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(cuts) {
-                col.extend(picked.iter().map(|&i| cut(m[i] - rows.sub[i], c)));
+                let m = &m[..len];
+                col.extend(picked.iter().map(|&i| cut(m[i] - sub[i], c)));
             }
             let so_far = deferred_so_far.fetch_add(picked.len(), Ordering::Relaxed) + picked.len();
             if so_far > limit {
@@ -1065,12 +1070,15 @@ fn settle(
             // Below the window: only the zeros (lo = 1) may hold the threshold.
             return if w.lo > 1 { Err(()) } else { Ok(Some(0.0)) };
         }
-        let mut members: Vec<u32> = deferred
-            .iter()
-            .flat_map(|d| d.values[t].iter())
-            .map(|x| x.abs().to_bits())
-            .filter(|&bits| bits >= w.lo && bits < w.hi)
-            .collect();
+        // The task's deferred values inside its window, compacted without a branch per value.
+        let mut members = vec![0u32; deferred.iter().map(|d| d.values[t].len()).sum()];
+        let (mut n, width) = (0, w.hi - w.lo);
+        for x in deferred.iter().flat_map(|d| &d.values[t]) {
+            let bits = x.abs().to_bits();
+            members[n] = bits;
+            n += usize::from(bits.wrapping_sub(w.lo) < width);
+        }
+        members.truncate(n);
         if q - c >= members.len() {
             return Err(());
         }
