@@ -984,7 +984,6 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
     let stride = n.clamp(1, CHUNK);
     let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none(), stride);
     let mut flags = vec![0u32; stride];
-    let mut tmp = vec![0.0f32; stride];
     let mut below = vec![[0u32; TIES_LANES]; tasks];
     let mut picked: Vec<usize> = Vec::with_capacity(stride);
     let mut sign_total: i64 = 0;
@@ -995,7 +994,9 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         let len = CHUNK.min(n - off);
         let base = &flat.base[kk][off..off + len];
         let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
-        let (o, flags) = (&mut tmp[..len], &mut flags[..len]);
+        // The chunk's outputs go straight into `out` (zeroed first: its lines are then in cache).
+        out.resize(off + len, 0.0);
+        let (o, flags) = (&mut out[off..off + len], &mut flags[..len]);
         let chunk = Chunk {
             rows: &rows.rows,
             sub: rows.sub,
@@ -1009,7 +1010,6 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         };
         let total = ties_kernel(simd, opt.aggregate, count, chunk);
         sign_total += i64::from(total);
-        out.extend_from_slice(o);
         // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
         // are listed first, then copied task by task.
         // Within a group, the flagged lanes as a bit mask, walked bit by bit (no branch per entry).
@@ -1266,7 +1266,7 @@ fn sample_windows(
     };
     let order: Vec<usize> = (0..groups.len()).collect();
     // parts[g][t]: task t's sampled abs bits in group g (the sample is the groups in order).
-    let parts = map_jobs(exec, groups, &order, gather);
+    let parts = map_jobs(exec, groups.clone(), &order, gather);
     // Per task (one job each): the window from the order statistics of its whole sample.
     let window = |t: usize, (): ()| -> Window {
         let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
@@ -1291,26 +1291,35 @@ fn sample_windows(
     };
     let order: Vec<usize> = (0..tasks).collect();
     let windows = map_jobs(exec, vec![(); tasks], &order, window);
-    // The sampled entries (same positions in every task) with some value inside its window.
-    let mut inside = Vec::with_capacity(n_s);
-    for part in &parts {
-        let start = inside.len();
-        inside.resize(start + part.first().map_or(0, Vec::len), false);
+    // Per group (one job each): per piece, its sampled entries (same positions in every task)
+    // with some task's value inside its window.
+    let count_hits = |g: usize, part: &Vec<Vec<u32>>| -> Vec<usize> {
+        let mut inside = vec![0u8; part.first().map_or(0, Vec::len)];
         for (sample, w) in part.iter().zip(&windows) {
-            for (f, &bits) in inside[start..].iter_mut().zip(sample) {
-                *f |= bits >= w.lo && bits < w.hi;
+            let width = w.hi - w.lo;
+            for (f, &bits) in inside.iter_mut().zip(sample) {
+                *f |= u8::from(bits.wrapping_sub(w.lo) < width);
             }
         }
-    }
+        let mut at = 0;
+        groups[g]
+            .iter()
+            .map(|&(_, _, n)| {
+                let hits = inside[at..at + n].iter().map(|&f| usize::from(f)).sum();
+                at += n;
+                hits
+            })
+            .collect()
+    };
+    let order: Vec<usize> = (0..parts.len()).collect();
+    let hits = map_jobs(exec, parts.iter().collect(), &order, count_hits);
     // Each sampled entry stands for d / n_s entries.
     let scale = d as f64 / n_s.max(1) as f64;
     let mut per_tensor = vec![0.0f64; flat.names.len()];
-    let mut at = 0;
-    for &(k, _, n) in &pieces {
-        per_tensor[k] += inside[at..at + n].iter().filter(|&&f| f).count() as f64 * scale;
-        at += n;
+    for (&(k, _, _), &h) in groups.iter().flat_map(|g| g.iter()).zip(hits.iter().flatten()) {
+        per_tensor[k] += h as f64 * scale;
     }
-    let hits = inside.iter().filter(|&&f| f).count();
+    let hits: usize = hits.iter().flatten().sum();
     (windows, Expected { total: hits as f64 * scale, per_tensor })
 }
 
