@@ -15,7 +15,7 @@
 //! `MERGEATTACK_BENCH_LAYERS` encoder layers, default 3 = 22 M entries per model, 12 = 88 M), each
 //! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
 //! same bytes measured in the same run (into a pre-faulted buffer; a copy into a fresh allocation is
-//! printed beside it), with the TIES / task-arithmetic ratio and the load average. Each method and
+//! printed beside it), the repetitions interleaved (every method once, then the copy, in turn), with the TIES / task-arithmetic ratio and the load average. Each method and
 //! the copy run on 1 thread and on `MERGEATTACK_BENCH_THREADS` (default 2) threads (the methods'
 //! jobs on the harness's thread executor, `MergeMethod::merge_on`; the copy split into equal parts
 //! on scoped threads), and the ratios are printed at equal thread counts. The process has
@@ -215,19 +215,20 @@ fn kernels() {
     let many = env_usize("MERGEATTACK_BENCH_THREADS", 2).max(1);
     let counts: Vec<usize> = if many > 1 { vec![1, many] } else { vec![1] };
     println!("{:<16} {:>7} {:>9} {:>9} {:>9} {:>7}", "method", "threads", "seconds", "GB/s", "vs TA", "load");
+    // One merge with method `m`, its jobs on `exec`: seconds.
+    let once = |m: &dyn mergeattack_core::merge::MergeMethod, exec: &Threads| {
+        let t = Instant::now();
+        let out = m.merge_on(&input, &Params::new(), exec).unwrap_or_else(|e| panic!("{}: {e}", m.name()));
+        let s = t.elapsed().as_secs_f64();
+        std::hint::black_box(&out);
+        drop(out);
+        s
+    };
     // Best of `reps` for method `m` with its jobs on `threads` threads.
     let time = |m: &str, threads: usize| {
         let method = lookup(m).ok()?;
         let exec = Threads::new(threads);
-        let mut best = f64::INFINITY;
-        for _ in 0..reps {
-            let t = Instant::now();
-            let out = method.merge_on(&input, &Params::new(), &exec).unwrap_or_else(|e| panic!("{m}: {e}"));
-            best = best.min(t.elapsed().as_secs_f64());
-            std::hint::black_box(&out);
-            drop(out);
-        }
-        Some(best)
+        Some((0..reps).map(|_| once(method, &exec)).fold(f64::INFINITY, f64::min))
     };
     // For context: task-arithmetic with its output on 4 KiB pages (the allocator's rule off).
     mergeattack_harness::hugepages::set_enabled(false);
@@ -247,45 +248,61 @@ fn kernels() {
     let ta = |results: &[(String, usize, f64)], threads: usize| {
         results.iter().find(|(m, t, _)| m == "task-arithmetic" && *t == threads).map(|r| r.2)
     };
-    for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        for &threads in &counts {
-            let Some(best) = time(m, threads) else {
+    // Per thread count, the repetitions interleaved: each method once, then the copy, `reps`
+    // times (so that a slower or faster spell of the machine falls on all of them alike); the
+    // best of each. Baseline copy: bytes/2 (read once, written once) into a buffer whose pages
+    // were faulted in first; on several threads each copies an equal part.
+    let listed: Vec<&str> = methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    let known: Vec<&dyn mergeattack_core::merge::MergeMethod> = listed
+        .iter()
+        .filter_map(|m| {
+            let found = lookup(m).ok();
+            if found.is_none() {
                 println!("{m:<16} (not in the registry)");
-                break;
-            };
-            results.push((m.to_string(), threads, best));
-            let ratio = ta(&results, threads).map(|t| format!("{:.2}x", best / t)).unwrap_or_else(|| "-".into());
-            println!("{m:<16} {threads:>7} {best:>9.3} {:>9.2} {ratio:>9} {:>7}", bytes / 1e9 / best, load());
-        }
-    }
-    // Baseline: copy bytes/2 (read once, written once), best of reps, pages faulted in first; on
-    // several threads each copies an equal part.
+            }
+            found
+        })
+        .collect();
     let n = (bytes / 2.0) as usize;
     let src = vec![1u8; n];
     let mut dst = vec![0u8; n];
     dst.fill(2);
+    let copy = |dst: &mut [u8], threads: usize| {
+        let part = n.div_ceil(threads);
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let mut pieces = dst.chunks_mut(part).zip(src.chunks(part));
+            let first = pieces.next();
+            for (d, s_) in pieces {
+                s.spawn(move || d.copy_from_slice(s_));
+            }
+            if let Some((d, s_)) = first {
+                d.copy_from_slice(s_);
+            }
+        });
+        let s = t.elapsed().as_secs_f64();
+        std::hint::black_box(&*dst);
+        s
+    };
     let mut memcpy = Vec::new();
     for &threads in &counts {
-        let part = n.div_ceil(threads);
-        let mut best = f64::INFINITY;
+        let exec = Threads::new(threads);
+        let mut best = vec![f64::INFINITY; known.len()];
+        let mut copy_best = f64::INFINITY;
         for _ in 0..reps {
-            let t = Instant::now();
-            std::thread::scope(|s| {
-                let mut pieces = dst.chunks_mut(part).zip(src.chunks(part));
-                let first = pieces.next();
-                for (d, s_) in pieces {
-                    s.spawn(move || d.copy_from_slice(s_));
-                }
-                if let Some((d, s_)) = first {
-                    d.copy_from_slice(s_);
-                }
-            });
-            best = best.min(t.elapsed().as_secs_f64());
-            std::hint::black_box(&dst);
+            for (b, m) in best.iter_mut().zip(&known) {
+                *b = b.min(once(*m, &exec));
+            }
+            copy_best = copy_best.min(copy(&mut dst, threads));
         }
-        let gbs = bytes / 1e9 / best;
+        for (m, &b) in known.iter().zip(&best) {
+            results.push((m.name().to_string(), threads, b));
+            let ratio = ta(&results, threads).map(|t| format!("{:.2}x", b / t)).unwrap_or_else(|| "-".into());
+            println!("{:<16} {threads:>7} {b:>9.3} {:>9.2} {ratio:>9} {:>7}", m.name(), bytes / 1e9 / b, load());
+        }
+        let gbs = bytes / 1e9 / copy_best;
         memcpy.push((threads, gbs));
-        println!("{:<16} {threads:>7} {best:>9.3} {gbs:>9.2} {:>9} {:>7}", "memcpy", "-", load());
+        println!("{:<16} {threads:>7} {copy_best:>9.3} {gbs:>9.2} {:>9} {:>7}", "memcpy", "-", load());
     }
     // For context: the same copy into a fresh allocation, whose pages fault in as it is written
     // (what every merge pays for its output; not the baseline of the target).
