@@ -1253,7 +1253,19 @@ fn sample_windows(
         let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(len)).collect();
         let mut buf = [0.0f32; SAMPLE_BLOCK];
         let mut bits = [0u32; SAMPLE_BLOCK];
-        for &(k, off, n) in group {
+        // The pieces are far apart: each one's cache lines (every task's and the base's) are read
+        // one piece ahead, all at once, so that their misses overlap (plain sources).
+        let touch = |&(k, off, n): &(usize, usize, usize)| {
+            if src.plain() {
+                let rows = flat.models.iter().map(|m| &m[k][off..off + n]).chain([&flat.base[k][off..off + n]]);
+                let sum = rows.fold(0u32, |a, r| r.iter().step_by(16).fold(a, |a, x| a ^ x.to_bits()));
+                core::hint::black_box(sum);
+            }
+        };
+        for (i, &(k, off, n)) in group.iter().enumerate() {
+            if let Some(next) = group.get(i + 1) {
+                touch(next);
+            }
             for (t, sample) in samples.iter_mut().enumerate() {
                 src.fill(t, k, off, &mut buf[..n]);
                 for (b, x) in bits.iter_mut().zip(&buf) {
