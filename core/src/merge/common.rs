@@ -1010,9 +1010,9 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         };
         let total = ties_kernel(simd, opt.aggregate, count, chunk);
         sign_total += i64::from(total);
-        // Flags are rare: skip groups of 16 with none set. The deferred entries of the chunk
-        // are listed first, then copied task by task.
-        // Within a group, the flagged lanes as a bit mask, walked bit by bit (no branch per entry).
+        // Flags are rare: skip groups of 16 with none set; in the others, walk the flagged lanes
+        // as bit masks (no branch per entry). The deferred entries of the chunk are listed
+        // first, then copied task by task.
         picked.clear();
         for (g, fs) in flags.chunks(16).enumerate() {
             if fs.iter().fold(0, |a, &f| a | f) == 0 {
