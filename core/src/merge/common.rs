@@ -581,7 +581,9 @@ enum Mode<'a> {
 }
 
 /// Entries the window pass could not decide in one tensor: their position, base value and every
-/// task's value there (one column per task; trimmed values already zero, the others raw).
+/// task's value there (one column per task, untrimmed: the settling trims them by the exact
+/// thresholds, and those lie in the windows, so a value below its window is trimmed there too;
+/// a -0 kept by a zero threshold adds exactly as the +0 of a trimmed value).
 struct Deferred {
     at: Vec<(u32, u32)>,
     base: Vec<f32>,
@@ -619,18 +621,29 @@ struct TensorPass {
     overflow: bool,
 }
 
-/// Per task, how the merge pass trims: entries whose abs bit pattern is below `lo` become 0; the
-/// nonzero ones in `[lo, lo + width)` leave their entry undecided (deferred). Bit patterns of
-/// abs values and of non-negative thresholds are below 2^31, so they compare as i32.
+/// Per task, how the merge pass trims, by abs bit patterns (below 2^31 for abs values, so they
+/// compare as i32): values whose pattern is above `keep_above` are kept, the others become 0; the
+/// kept ones up to `band_top` lie in the task's band, where its threshold may still fall (their
+/// entry is deferred until it is known).
 #[derive(Clone, Copy)]
 struct Cut {
-    lo: i32,
-    width: i32,
+    keep_above: i32,
+    band_top: i32,
 }
 
-/// Bits of the per-entry flags of [`ties_block`].
-const DEFERRED: u32 = 1;
-const UNDECIDED: u32 = 2;
+impl Cut {
+    /// Keep the abs bit patterns from `lo` on; the band is `[lo, hi)` (empty when `hi <= lo`).
+    fn new(lo: u32, hi: u32) -> Cut {
+        let clamp = |v: i64| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+        Cut { keep_above: clamp(i64::from(lo) - 1), band_top: clamp(i64::from(hi) - 1) }
+    }
+
+    /// Keep the abs values from `threshold` on (everything when None); no band.
+    fn exact(threshold: Option<f32>) -> Cut {
+        let lo = threshold.map_or(0, f32::to_bits);
+        Cut::new(lo, lo)
+    }
+}
 
 /// All ones for true, zero for false.
 #[inline(always)]
@@ -638,22 +651,41 @@ fn mask(c: bool) -> u32 {
     u32::from(c).wrapping_neg()
 }
 
-/// Trim one value by its task's cut.
-#[inline(always)]
-fn cut(x: f32, c: Cut) -> f32 {
-    if (x.abs().to_bits() as i32) < c.lo { 0.0 } else { x }
-}
+/// The kernels' per-block lane masks (one `u16` per [`TIES_LANES`] entries, bit `l` for lane
+/// `l`): the low byte marks the deferred entries (some value in its task's band: the sign is not
+/// elected here, the output is provisional), the high byte the undecided ones (a zero trimmed sum
+/// with nonzero values while the sign of a zero sum is not known yet).
+const UNDECIDED_SHIFT: u32 = 8;
+
+/// Positions of the set bits of each byte, in ascending order (then zeros): lets the deferred
+/// entries of a block be listed without a branch per entry.
+const SET_BITS: [[u8; 8]; 256] = {
+    let mut table = [[0u8; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut bit, mut n) = (0, 0);
+        while bit < 8 {
+            if m & (1 << bit) != 0 {
+                table[m][n] = bit as u8;
+                n += 1;
+            }
+            bit += 1;
+        }
+        m += 1;
+    }
+    table
+};
 
 /// TIES on the `W` entries at `j` of one chunk, carried through every task in registers, in one
 /// sweep over the tasks: trim, the trimmed sum, and beside it the sums of the positive and of the
 /// negative trimmed values (and their counts for the mean); then the elected sign picks the
-/// positive or the negative sum, `out = base + lambda * merged`. The disjoint merge adds, in task order, x where x * e > 0 and 0 elsewhere; with e = +1 that is
-/// exactly the sequence of additions of the positive sum (x where x > 0, else 0), with e = -1 that
-/// of the negative sum, so the result is bitwise the same, whatever `W`. `flags[l]`: [`DEFERRED`]
-/// when a value lies in its task's band (its sign is not elected here, its output is
-/// provisional), [`UNDECIDED`] for a zero trimmed sum with nonzero values when `zero_sign` is 0.
-/// `COUNT`: add, per task and lane, the values trimmed by the cut (abs bits below `lo`) to
-/// `below`. Returns the sum of the elected signs of the decided entries.
+/// positive or the negative sum, `out = base + lambda * merged`. The disjoint merge adds, in task
+/// order, x where x * e > 0 and 0 elsewhere; with e = +1 that is exactly the sequence of additions
+/// of the positive sum (x where x > 0, else 0), with e = -1 that of the negative sum, so the
+/// result is bitwise the same, whatever `W`. `COUNT`: add, per task and lane, each kept value's
+/// all-ones mask to `kept` (so it holds minus the count of kept values, wrapping). Returns the sum
+/// of the elected signs of the decided entries and the block's lane mask (see [`UNDECIDED_SHIFT`];
+/// undecided only when `zero_sign` is 0).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
@@ -665,28 +697,24 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
     zero_sign: f32,
     lambda: f32,
     out: &mut [f32],
-    flags: &mut [u32],
-    below: &mut [[u32; TIES_LANES]],
-) -> i32 {
+    kept: &mut [[u32; TIES_LANES]],
+) -> (i32, u32) {
     let s: &[f32; W] = sub[j..j + W].try_into().expect("block");
     let mut sum = [0.0f32; W];
     let mut pos = [0.0f32; W];
     let mut neg = [0.0f32; W];
     let mut npos = [0.0f32; W];
     let mut nneg = [0.0f32; W];
-    let mut flag = [0u32; W];
-    for ((m, &c), bl) in rows.iter().zip(cuts).zip(below.iter_mut()) {
+    let mut band = [0u32; W];
+    for ((m, &c), kc) in rows.iter().zip(cuts).zip(kept.iter_mut()) {
         let m: &[f32; W] = m[j..j + W].try_into().expect("block");
-        let mut trimmed = [0u32; W];
+        let mut keep = [0u32; W];
         for l in 0..W {
             let x = m[l] - s[l];
-            // Both below 2^31: d < 0 exactly when the value is trimmed, and (as unsigned) below
-            // the width exactly when it lies in the band (lo >= 1 whenever width > 0, so a zero
-            // is never in a band).
-            let d = (x.abs().to_bits() as i32).wrapping_sub(c.lo);
-            flag[l] |= u32::from((d as u32) < c.width as u32);
-            trimmed[l] = u32::from(d < 0);
-            let x = if d < 0 { 0.0 } else { x };
+            let bits = x.abs().to_bits() as i32;
+            keep[l] = mask(bits > c.keep_above);
+            band[l] |= keep[l] & mask(bits <= c.band_top);
+            let x = f32::from_bits(x.to_bits() & keep[l]);
             sum[l] += x;
             pos[l] += if x > 0.0 { x } else { 0.0 };
             neg[l] += if x < 0.0 { x } else { 0.0 };
@@ -697,30 +725,30 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
         }
         if COUNT {
             for l in 0..W {
-                bl[l] += trimmed[l];
+                kc[l] = kc[l].wrapping_add(keep[l]);
             }
         }
     }
     // The election as branch-free lane masks (so that it vectorises at any width): p, q, z are
-    // exclusive, so the elected sign is +1 on p, -1 on q, zero_sign on z and 0 on flagged lanes,
+    // exclusive, so the elected sign is +1 on p, -1 on q, zero_sign on z and 0 on deferred lanes,
     // exactly as the case analysis. Some value is nonzero exactly when the positive sum is > 0
     // or the negative one < 0 (a sum of same-signed values is never smaller in magnitude than any
     // of them).
     let (zs_pos, zs_neg) = (mask(zero_sign > 0.0), mask(zero_sign < 0.0));
-    let undecided_bit = if zero_sign == 0.0 { UNDECIDED } else { 0 };
+    let undecided = mask(zero_sign == 0.0);
     let mut votes = [0i32; W];
     let mut acc = [0.0f32; W];
     let mut cnt = [0.0f32; W];
-    let fl: &mut [u32; W] = (&mut flags[j..j + W]).try_into().expect("block");
+    let mut lanes = 0u32;
     for l in 0..W {
-        let open = mask(flag[l] == 0);
+        let open = mask(band[l] == 0);
         let (gt, lt) = (mask(sum[l] > 0.0), mask(sum[l] < 0.0));
         let p = gt & open;
         let q = lt & open;
         let z = !(gt | lt) & open;
         votes[l] = (p & 1) as i32 - (q & 1) as i32;
         let any = mask(pos[l] > 0.0) | mask(neg[l] < 0.0);
-        fl[l] = flag[l] | (any & z & undecided_bit);
+        lanes |= (band[l] & 1) << l | (any & z & undecided & 1) << (l as u32 + UNDECIDED_SHIFT);
         // acc = pos where the elected sign is +1, neg where it is -1, else 0.
         let (pm, nm) = (p | (z & zs_pos), q | (z & zs_neg));
         acc[l] = f32::from_bits((pos[l].to_bits() & pm) | (neg[l].to_bits() & nm));
@@ -733,11 +761,13 @@ fn ties_block<const W: usize, const MEAN: bool, const COUNT: bool>(
     for l in 0..W {
         out[j + l] = if MEAN { b[l] + lambda * (acc[l] / cnt[l].max(1.0)) } else { b[l] + lambda * acc[l] };
     }
-    total
+    (total, lanes)
 }
 
 /// One chunk for the TIES kernel: the task rows, what they are measured from (`sub`, the task
-/// vectors are `rows[t] - sub`), the base, the per-task cuts, and where its results go.
+/// vectors are `rows[t] - sub`), the base, the per-task cuts, and where its results go: the
+/// outputs, one lane mask per block of [`TIES_LANES`] entries (`masks`, `len.div_ceil(8)` of
+/// them), and with `COUNT` the per-task kept counts (see [`ties_block`]).
 struct Chunk<'a> {
     rows: &'a [&'a [f32]],
     sub: &'a [f32],
@@ -746,25 +776,46 @@ struct Chunk<'a> {
     zero_sign: f32,
     lambda: f32,
     out: &'a mut [f32],
-    flags: &'a mut [u32],
-    below: &'a mut [[u32; TIES_LANES]],
+    masks: &'a mut [u16],
+    kept: &'a mut [[u32; TIES_LANES]],
+}
+
+/// The tail entries of a chunk (past its last full block), one at a time into the last mask.
+#[inline(always)]
+fn ties_tail<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>, full: usize) -> i32 {
+    let Chunk { rows, sub, base, cuts, zero_sign, lambda, out, masks, kept } = c;
+    let mut total = 0;
+    for j in full..out.len() {
+        let (t, lanes) = ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, kept);
+        total += t;
+        let at = &mut masks[j / TIES_LANES];
+        *at = if j == full { 0 } else { *at } | (lanes << (j % TIES_LANES)) as u16;
+    }
+    total
 }
 
 /// [`ties_block`] over one chunk: blocks of [`TIES_LANES`], then one entry at a time. Inlined into
 /// each instruction-set variant of [`ties_kernel`].
 #[inline(always)]
 fn ties_chunk<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
-    let Chunk { rows, sub, base, cuts, zero_sign, lambda, out, flags, below } = c;
-    let len = out.len();
-    let full = len / TIES_LANES * TIES_LANES;
+    let full = c.out.len() / TIES_LANES * TIES_LANES;
     let mut total = 0;
     for j in (0..full).step_by(TIES_LANES) {
-        total += ties_block::<TIES_LANES, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
+        let (t, lanes) = ties_block::<TIES_LANES, MEAN, COUNT>(
+            c.rows,
+            j,
+            c.sub,
+            c.base,
+            c.cuts,
+            c.zero_sign,
+            c.lambda,
+            c.out,
+            c.kept,
+        );
+        total += t;
+        c.masks[j / TIES_LANES] = lanes as u16;
     }
-    for j in full..len {
-        total += ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
-    }
-    total
+    total + ties_tail::<MEAN, COUNT>(c, full)
 }
 
 /// [`ties_chunk`] in AVX2 registers: each block of [`TIES_LANES`] entries in one 256-bit register
@@ -782,39 +833,38 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
 unsafe fn ties_chunk_avx2<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
     use core::arch::x86_64::*;
     const _: () = assert!(TIES_LANES == 8);
-    let Chunk { rows, sub, base, cuts, zero_sign, lambda, out, flags, below } = c;
-    let len = out.len();
-    let full = len / TIES_LANES * TIES_LANES;
+    let full = c.out.len() / TIES_LANES * TIES_LANES;
     let mut total = 0i32;
     // SAFETY: AVX2 is enabled for this function; every load and store is of 8 lanes inside a
-    // slice bounds-checked just before (`[j..j + 8]`).
+    // slice bounds-checked just before (`[j..j + 8]`, a `[u32; 8]`).
     unsafe {
+        // The cuts as broadcast vectors (the compares read them from memory).
+        let mut bounds: Vec<[__m256i; 2]> = Vec::with_capacity(c.cuts.len());
+        for cut in c.cuts {
+            bounds.push([_mm256_set1_epi32(cut.keep_above), _mm256_set1_epi32(cut.band_top)]);
+        }
         let zero = _mm256_setzero_ps();
         let one = _mm256_set1_ps(1.0);
         let abs_mask = _mm256_set1_epi32(0x7fff_ffff);
-        let min = _mm256_set1_epi32(i32::MIN);
-        let zs_pos = _mm256_set1_epi32(mask(zero_sign > 0.0) as i32);
-        let zs_neg = _mm256_set1_epi32(mask(zero_sign < 0.0) as i32);
-        let undecided_bit = _mm256_set1_epi32(if zero_sign == 0.0 { UNDECIDED as i32 } else { 0 });
-        let deferred_bit = _mm256_set1_epi32(DEFERRED as i32);
-        let lambda = _mm256_set1_ps(lambda);
+        let zs_pos = _mm256_set1_epi32(mask(c.zero_sign > 0.0) as i32);
+        let zs_neg = _mm256_set1_epi32(mask(c.zero_sign < 0.0) as i32);
+        let undecided = _mm256_set1_epi32(mask(c.zero_sign == 0.0) as i32);
+        let lambda = _mm256_set1_ps(c.lambda);
         let ld = |v: &[f32], j: usize| _mm256_loadu_ps(v[j..j + 8].as_ptr());
         for j in (0..full).step_by(TIES_LANES) {
-            let s = ld(sub, j);
+            let s = ld(c.sub, j);
             let (mut sum, mut pos, mut neg, mut npos, mut nneg) = (zero, zero, zero, zero, zero);
             let mut band = _mm256_setzero_si256();
-            for ((m, &c), bl) in rows.iter().zip(cuts).zip(below.iter_mut()) {
+            for ((m, b), kc) in c.rows.iter().zip(&bounds).zip(c.kept.iter_mut()) {
                 let x = _mm256_sub_ps(ld(m, j), s);
-                let d = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(x), abs_mask), _mm256_set1_epi32(c.lo));
-                // (d as u32) < width, as a signed compare with both sides' sign bits flipped.
-                let width = _mm256_set1_epi32(c.width ^ i32::MIN);
-                band = _mm256_or_si256(band, _mm256_cmpgt_epi32(width, _mm256_xor_si256(d, min)));
-                let trimmed = _mm256_srai_epi32::<31>(d);
+                let bits = _mm256_and_si256(_mm256_castps_si256(x), abs_mask);
+                let keep = _mm256_cmpgt_epi32(bits, b[0]);
+                band = _mm256_or_si256(band, _mm256_andnot_si256(_mm256_cmpgt_epi32(bits, b[1]), keep));
                 if COUNT {
-                    let at = bl.as_mut_ptr() as *mut __m256i;
-                    _mm256_storeu_si256(at, _mm256_sub_epi32(_mm256_loadu_si256(at), trimmed));
+                    let at = kc.as_mut_ptr() as *mut __m256i;
+                    _mm256_storeu_si256(at, _mm256_add_epi32(keep, _mm256_loadu_si256(at)));
                 }
-                let x = _mm256_andnot_ps(_mm256_castsi256_ps(trimmed), x);
+                let x = _mm256_and_ps(_mm256_castsi256_ps(keep), x);
                 sum = _mm256_add_ps(sum, x);
                 pos = _mm256_add_ps(pos, _mm256_max_ps(x, zero));
                 neg = _mm256_add_ps(neg, _mm256_min_ps(x, zero));
@@ -829,17 +879,14 @@ unsafe fn ties_chunk_avx2<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> 
             let p = _mm256_and_si256(gt, open);
             let q = _mm256_and_si256(lt, open);
             let z = _mm256_andnot_si256(_mm256_or_si256(gt, lt), open);
-            total += _mm256_movemask_ps(_mm256_castsi256_ps(p)).count_ones() as i32
-                - _mm256_movemask_ps(_mm256_castsi256_ps(q)).count_ones() as i32;
+            let bits = |v: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(v)) as u32;
+            total += bits(p).count_ones() as i32 - bits(q).count_ones() as i32;
             let any = _mm256_castps_si256(_mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_GT_OQ>(pos, zero),
                 _mm256_cmp_ps::<_CMP_LT_OQ>(neg, zero),
             ));
-            let fl = _mm256_or_si256(
-                _mm256_and_si256(band, deferred_bit),
-                _mm256_and_si256(_mm256_and_si256(any, z), undecided_bit),
-            );
-            _mm256_storeu_si256(flags[j..j + 8].as_mut_ptr() as *mut __m256i, fl);
+            let und = _mm256_and_si256(_mm256_and_si256(any, z), undecided);
+            c.masks[j / TIES_LANES] = (bits(band) | bits(und) << UNDECIDED_SHIFT) as u16;
             let pm = _mm256_castsi256_ps(_mm256_or_si256(p, _mm256_and_si256(z, zs_pos)));
             let nm = _mm256_castsi256_ps(_mm256_or_si256(q, _mm256_and_si256(z, zs_neg)));
             let mut merged = _mm256_or_ps(_mm256_and_ps(pos, pm), _mm256_and_ps(neg, nm));
@@ -847,14 +894,11 @@ unsafe fn ties_chunk_avx2<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> 
                 let cnt = _mm256_or_ps(_mm256_and_ps(npos, pm), _mm256_and_ps(nneg, nm));
                 merged = _mm256_div_ps(merged, _mm256_max_ps(cnt, one));
             }
-            let o = _mm256_add_ps(ld(base, j), _mm256_mul_ps(lambda, merged));
-            _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), o);
+            let o = _mm256_add_ps(ld(c.base, j), _mm256_mul_ps(lambda, merged));
+            _mm256_storeu_ps(c.out[j..j + 8].as_mut_ptr(), o);
         }
     }
-    for j in full..len {
-        total += ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, flags, below);
-    }
-    total
+    total + ties_tail::<MEAN, COUNT>(c, full)
 }
 
 /// The TIES kernel on one chunk, with the aggregation, the trimmed-value counting (`count`) and
@@ -910,14 +954,11 @@ fn merge_pass(
         _ => None,
     };
     let cuts: Vec<Cut> = match mode {
-        Mode::Exact(Trim::Global(thr)) => {
-            thr.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect()
+        Mode::Exact(Trim::Global(thr)) => thr.iter().map(|&t| Cut::exact(t)).collect(),
+        Mode::Exact(Trim::Tensor(_)) => vec![Cut::exact(None); tasks],
+        Mode::Windows(windows) => {
+            windows.iter().map(|w| w.map_or(Cut::exact(None), |w| Cut::new(w.lo, w.hi))).collect()
         }
-        Mode::Exact(Trim::Tensor(_)) => vec![Cut { lo: 0, width: 0 }; tasks],
-        Mode::Windows(windows) => windows
-            .iter()
-            .map(|w| w.map_or(Cut { lo: 0, width: 0 }, |w| Cut { lo: w.lo as i32, width: (w.hi - w.lo) as i32 }))
-            .collect(),
     };
     let count = matches!(mode, Mode::Windows(_));
     let deferred_so_far = AtomicUsize::new(0);
@@ -983,9 +1024,10 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
     let n = flat.len(kk);
     let stride = n.clamp(1, CHUNK);
     let mut scratch = RowScratch::new(tasks, src.plain() && pre.is_none(), stride);
-    let mut flags = vec![0u32; stride];
-    let mut below = vec![[0u32; TIES_LANES]; tasks];
-    let mut picked: Vec<usize> = Vec::with_capacity(stride);
+    let mut masks = vec![0u16; stride.div_ceil(TIES_LANES)];
+    let mut kept = vec![[0u32; TIES_LANES]; tasks];
+    // Chunk positions of the deferred entries, 8 slots of room past the last.
+    let mut picked = vec![0u16; stride + TIES_LANES];
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
@@ -996,7 +1038,6 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         let rows = chunk_rows(flat, src, &mut scratch, kk, off, len, pre);
         // The chunk's outputs go straight into `out` (zeroed first: its lines are then in cache).
         out.resize(off + len, 0.0);
-        let (o, flags) = (&mut out[off..off + len], &mut flags[..len]);
         let chunk = Chunk {
             rows: &rows.rows,
             sub: rows.sub,
@@ -1004,38 +1045,36 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
             cuts,
             zero_sign,
             lambda: opt.lambda,
-            out: o,
-            flags,
-            below: &mut below,
+            out: &mut out[off..off + len],
+            masks: &mut masks[..len.div_ceil(TIES_LANES)],
+            kept: &mut kept,
         };
         let total = ties_kernel(simd, opt.aggregate, count, chunk);
         sign_total += i64::from(total);
-        // Flags are rare: skip groups of 16 with none set; in the others, walk the flagged lanes
-        // as bit masks (no branch per entry). The deferred entries of the chunk are listed
-        // first, then copied task by task.
-        picked.clear();
-        for (g, fs) in flags.chunks(16).enumerate() {
-            if fs.iter().fold(0, |a, &f| a | f) == 0 {
-                continue;
+        // The deferred lanes of each block listed without a branch per block (each writes 8
+        // slots, then advances by its count); the rare undecided ones one by one.
+        let mut picks = 0;
+        for (b, &m) in masks[..len.div_ceil(TIES_LANES)].iter().enumerate() {
+            let first = (b * TIES_LANES) as u16;
+            let def = usize::from(m as u8);
+            for (slot, &lane) in picked[picks..picks + TIES_LANES].iter_mut().zip(&SET_BITS[def]) {
+                *slot = first + u16::from(lane);
             }
-            let lanes = |bit: u32| fs.iter().enumerate().fold(0u32, |a, (i, &f)| a | (u32::from(f & bit != 0) << i));
-            let (mut und, mut def) = (lanes(UNDECIDED), lanes(DEFERRED));
+            picks += def.count_ones() as usize;
+            let mut und = u32::from(m) >> UNDECIDED_SHIFT;
             while und != 0 {
-                undecided.push((kk, off + g * 16 + und.trailing_zeros() as usize));
+                undecided.push((kk, off + b * TIES_LANES + und.trailing_zeros() as usize));
                 und &= und - 1;
             }
-            while def != 0 {
-                picked.push(g * 16 + def.trailing_zeros() as usize);
-                def &= def - 1;
-            }
         }
+        let picked = &picked[..picks];
         if !picked.is_empty() {
-            deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + i) as u32)));
-            deferred.base.extend(picked.iter().map(|&i| base[i]));
+            deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + usize::from(i)) as u32)));
+            deferred.base.extend(picked.iter().map(|&i| base[usize::from(i)]));
             let sub = &rows.sub[..len];
-            for ((col, m), &c) in deferred.values.iter_mut().zip(&rows.rows).zip(cuts) {
+            for (col, m) in deferred.values.iter_mut().zip(&rows.rows) {
                 let m = &m[..len];
-                col.extend(picked.iter().map(|&i| cut(m[i] - sub[i], c)));
+                col.extend(picked.iter().map(|&i| m[usize::from(i)] - sub[usize::from(i)]));
             }
             let so_far = deferred_so_far.fetch_add(picked.len(), Ordering::Relaxed) + picked.len();
             if so_far > limit {
@@ -1043,7 +1082,8 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
             }
         }
     }
-    let below = below.iter().map(|b| b.iter().map(|&c| u64::from(c)).sum()).collect();
+    // Per task, the values below its cut: all but the kept ones.
+    let below = kept.iter().map(|k| n as u64 - k.iter().map(|&c| u64::from(c.wrapping_neg())).sum::<u64>()).collect();
     TensorPass { values: out, sign_total, undecided, deferred, below, overflow: false }
 }
 
@@ -1087,15 +1127,15 @@ fn settle(
     let order: Vec<usize> = (0..tasks).collect();
     let thresholds: Vec<Option<f32>> =
         map_jobs(exec, vec![(); tasks], &order, threshold).into_iter().collect::<Result<_, ()>>().ok()?;
-    let cuts: Vec<Cut> = thresholds.iter().map(|t| Cut { lo: t.map_or(0, |t| t.to_bits() as i32), width: 0 }).collect();
+    let cuts: Vec<Cut> = thresholds.iter().map(|&t| Cut::exact(t)).collect();
     // Per tensor (one job each): decide its deferred entries into its output.
     let decide = |_: usize, (d, values): (&Deferred, &mut Vec<f32>)| -> (i64, Vec<(usize, usize)>) {
         let n = d.at.len();
         let stride = n.clamp(1, CHUNK);
         let zeros = vec![0.0f32; stride];
-        let mut flags = vec![0u32; stride];
+        let mut masks = vec![0u16; stride.div_ceil(TIES_LANES)];
         let mut out = vec![0.0f32; stride];
-        let mut below = vec![[0u32; TIES_LANES]; tasks];
+        let mut kept = vec![[0u32; TIES_LANES]; tasks];
         let mut sign_total = 0i64;
         let mut undecided = Vec::new();
         for off in (0..n).step_by(CHUNK) {
@@ -1109,23 +1149,27 @@ fn settle(
                 zero_sign: 0.0,
                 lambda: opt.lambda,
                 out: &mut out[..len],
-                flags: &mut flags[..len],
-                below: &mut below,
+                masks: &mut masks[..len.div_ceil(TIES_LANES)],
+                kept: &mut kept,
             };
             let total = ties_kernel(simd, opt.aggregate, false, chunk);
-            let (o, fl) = (&out[..len], &flags[..len]);
             sign_total += i64::from(total);
             let at = &d.at[off..off + len];
             // The deferred entries are sparse in the outputs: each group's output lines are read
             // first, all at once (independent loads overlap their cache misses), then written.
-            for (ats, (os, fs)) in at.chunks(64).zip(o.chunks(64).zip(fl.chunks(64))) {
+            for (ats, os) in at.chunks(64).zip(out[..len].chunks(64)) {
                 let touch = ats.iter().fold(0u32, |a, &(_, i)| a ^ values[i as usize].to_bits());
                 core::hint::black_box(touch);
-                for (&(kk, i), (&v, &f)) in ats.iter().zip(os.iter().zip(fs)) {
+                for (&(_, i), &v) in ats.iter().zip(os) {
                     values[i as usize] = v;
-                    if f & UNDECIDED != 0 {
-                        undecided.push((kk as usize, i as usize));
-                    }
+                }
+            }
+            for (b, &m) in masks[..len.div_ceil(TIES_LANES)].iter().enumerate() {
+                let mut und = u32::from(m) >> UNDECIDED_SHIFT;
+                while und != 0 {
+                    let (kk, i) = at[b * TIES_LANES + und.trailing_zeros() as usize];
+                    undecided.push((kk as usize, i as usize));
+                    und &= und - 1;
                 }
             }
         }
