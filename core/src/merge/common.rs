@@ -585,7 +585,7 @@ enum Mode<'a> {
 /// thresholds, and those lie in the windows, so a value below its window is trimmed there too;
 /// a -0 kept by a zero threshold adds exactly as the +0 of a trimmed value).
 struct Deferred {
-    at: Vec<(u32, u32)>,
+    at: Vec<u32>,
     base: Vec<f32>,
     values: Vec<Vec<f32>>,
 }
@@ -1069,7 +1069,7 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         }
         let picked = &picked[..picks];
         if !picked.is_empty() {
-            deferred.at.extend(picked.iter().map(|&i| (kk as u32, (off + usize::from(i)) as u32)));
+            deferred.at.extend(picked.iter().map(|&i| (off + usize::from(i)) as u32));
             deferred.base.extend(picked.iter().map(|&i| base[usize::from(i)]));
             let sub = &rows.sub[..len];
             for (col, m) in deferred.values.iter_mut().zip(&rows.rows) {
@@ -1110,15 +1110,19 @@ fn settle(
             // Below the window: only the zeros (lo = 1) may hold the threshold.
             return if w.lo > 1 { Err(()) } else { Ok(Some(0.0)) };
         }
-        // The task's deferred values inside its window, compacted without a branch per value.
-        let mut members = vec![0u32; deferred.iter().map(|d| d.values[t].len()).sum()];
-        let (mut n, width) = (0, w.hi - w.lo);
-        for x in deferred.iter().flat_map(|d| &d.values[t]) {
-            let bits = x.abs().to_bits();
-            members[n] = bits;
-            n += usize::from(bits.wrapping_sub(w.lo) < width);
+        // The task's deferred values inside its window: counted, then compacted without a branch
+        // per value (one slot of slack takes the writes of the values outside).
+        let width = w.hi - w.lo;
+        let inside = |x: &f32| x.abs().to_bits().wrapping_sub(w.lo) < width;
+        let values = || deferred.iter().flat_map(|d| &d.values[t]);
+        let count = values().map(|x| usize::from(inside(x))).sum::<usize>();
+        let mut members = vec![0u32; count + 1];
+        let mut n = 0;
+        for x in values() {
+            members[n] = x.abs().to_bits();
+            n += usize::from(inside(x));
         }
-        members.truncate(n);
+        members.truncate(count);
         if q - c >= members.len() {
             return Err(());
         }
@@ -1129,7 +1133,7 @@ fn settle(
         map_jobs(exec, vec![(); tasks], &order, threshold).into_iter().collect::<Result<_, ()>>().ok()?;
     let cuts: Vec<Cut> = thresholds.iter().map(|&t| Cut::exact(t)).collect();
     // Per tensor (one job each): decide its deferred entries into its output.
-    let decide = |_: usize, (d, values): (&Deferred, &mut Vec<f32>)| -> (i64, Vec<(usize, usize)>) {
+    let decide = |kk: usize, (d, values): (&Deferred, &mut Vec<f32>)| -> (i64, Vec<(usize, usize)>) {
         let n = d.at.len();
         let stride = n.clamp(1, CHUNK);
         let zeros = vec![0.0f32; stride];
@@ -1158,17 +1162,16 @@ fn settle(
             // The deferred entries are sparse in the outputs: each group's output lines are read
             // first, all at once (independent loads overlap their cache misses), then written.
             for (ats, os) in at.chunks(64).zip(out[..len].chunks(64)) {
-                let touch = ats.iter().fold(0u32, |a, &(_, i)| a ^ values[i as usize].to_bits());
+                let touch = ats.iter().fold(0u32, |a, &i| a ^ values[i as usize].to_bits());
                 core::hint::black_box(touch);
-                for (&(_, i), &v) in ats.iter().zip(os) {
+                for (&i, &v) in ats.iter().zip(os) {
                     values[i as usize] = v;
                 }
             }
             for (b, &m) in masks[..len.div_ceil(TIES_LANES)].iter().enumerate() {
                 let mut und = u32::from(m) >> UNDECIDED_SHIFT;
                 while und != 0 {
-                    let (kk, i) = at[b * TIES_LANES + und.trailing_zeros() as usize];
-                    undecided.push((kk as usize, i as usize));
+                    undecided.push((kk, at[b * TIES_LANES + und.trailing_zeros() as usize] as usize));
                     und &= und - 1;
                 }
             }
@@ -1323,9 +1326,10 @@ fn sample_windows(
     let order: Vec<usize> = (0..groups.len()).collect();
     // parts[g][t]: task t's sampled abs bits in group g (the sample is the groups in order).
     let parts = map_jobs(exec, groups.clone(), &order, gather);
-    // Per task (one job each): the window from the order statistics of its whole sample.
-    let window = |t: usize, (): ()| -> Window {
-        let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
+    // Per task: the window from the order statistics of its whole sample, gathered into a scratch
+    // that each job reuses for its run of tasks (one job per thread: fresh pages once per job).
+    let window = |t: usize, scratch: &mut Vec<u32>| -> Window {
+        scratch.clear();
         for part in &parts {
             scratch.extend_from_slice(&part[t]);
         }
@@ -1345,8 +1349,16 @@ fn sample_windows(
         };
         Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
     };
-    let order: Vec<usize> = (0..tasks).collect();
-    let windows = map_jobs(exec, vec![(); tasks], &order, window);
+    let per_job = tasks.div_ceil(exec.threads().clamp(1, tasks.max(1))).max(1);
+    let runs: Vec<core::ops::Range<usize>> = (0..tasks).step_by(per_job).map(|a| a..tasks.min(a + per_job)).collect();
+    let order: Vec<usize> = (0..runs.len()).collect();
+    let windows: Vec<Window> = map_jobs(exec, runs, &order, |_, run| {
+        let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
+        run.map(|t| window(t, &mut scratch)).collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
     // Per group (one job each): per piece, its sampled entries (same positions in every task)
     // with some task's value inside its window.
     let count_hits = |g: usize, part: &Vec<Vec<u32>>| -> Vec<usize> {
