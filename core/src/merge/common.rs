@@ -1114,13 +1114,15 @@ fn settle(
         // per value (one slot of slack takes the writes of the values outside).
         let width = w.hi - w.lo;
         let inside = |x: &f32| x.abs().to_bits().wrapping_sub(w.lo) < width;
-        let values = || deferred.iter().flat_map(|d| &d.values[t]);
-        let count = values().map(|x| usize::from(inside(x))).sum::<usize>();
+        let count: usize =
+            deferred.iter().map(|d| d.values[t].iter().map(|x| usize::from(inside(x))).sum::<usize>()).sum();
         let mut members = vec![0u32; count + 1];
         let mut n = 0;
-        for x in values() {
-            members[n] = x.abs().to_bits();
-            n += usize::from(inside(x));
+        for d in deferred {
+            for x in &d.values[t] {
+                members[n] = x.abs().to_bits();
+                n += usize::from(inside(x));
+            }
         }
         members.truncate(count);
         if q - c >= members.len() {
@@ -1326,26 +1328,25 @@ fn sample_windows(
     let order: Vec<usize> = (0..groups.len()).collect();
     // parts[g][t]: task t's sampled abs bits in group g (the sample is the groups in order).
     let parts = map_jobs(exec, groups.clone(), &order, gather);
-    // Per task: the window from the order statistics of its whole sample, gathered into a scratch
-    // that each job reuses for its run of tasks (one job per thread: fresh pages once per job).
+    // Per task: the window from the order statistics of its whole sample (one job per thread, each
+    // with a scratch for its run of tasks).
     let window = |t: usize, scratch: &mut Vec<u32>| -> Window {
-        scratch.clear();
-        for part in &parts {
-            scratch.extend_from_slice(&part[t]);
-        }
-        let (lo, right) = if lo_r < 0.0 {
-            (1, &mut scratch[..])
+        let values: Vec<&[u32]> = parts.iter().map(|part| &part[t][..]).collect();
+        let clamp = |r: f64| (r.max(0.0) as usize).min(n_s.saturating_sub(1));
+        let (os_lo, os_hi) = order_statistics(&values, clamp(lo_r), clamp(hi_r), scratch);
+        let lo = if lo_r < 0.0 {
+            1
         } else if (lo_r as usize) < n_s {
-            let (_, &mut lo, right) = scratch.select_nth_unstable(lo_r as usize);
-            (lo.max(1), right)
+            os_lo.max(1)
         } else {
-            (0x8000_0000, &mut scratch[n_s..])
+            0x8000_0000
         };
         let hi = if hi_r < 0.0 {
             0
+        } else if (hi_r as usize) < n_s {
+            os_hi + 1
         } else {
-            let h = hi_r as usize - (n_s - right.len());
-            if h < right.len() { *right.select_nth_unstable(h).1 + 1 } else { 0x8000_0000 }
+            0x8000_0000
         };
         Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
     };
@@ -1353,7 +1354,7 @@ fn sample_windows(
     let runs: Vec<core::ops::Range<usize>> = (0..tasks).step_by(per_job).map(|a| a..tasks.min(a + per_job)).collect();
     let order: Vec<usize> = (0..runs.len()).collect();
     let windows: Vec<Window> = map_jobs(exec, runs, &order, |_, run| {
-        let mut scratch: Vec<u32> = Vec::with_capacity(n_s);
+        let mut scratch: Vec<u32> = Vec::new();
         run.map(|t| window(t, &mut scratch)).collect::<Vec<_>>()
     })
     .into_iter()
@@ -1389,6 +1390,69 @@ fn sample_windows(
     }
     let hits: usize = hits.iter().flatten().sum();
     (windows, Expected { total: hits as f64 * scale, per_tensor })
+}
+
+/// The values of ranks `lo <= hi` (0-based, ascending; `hi` below their count) among the values of
+/// `pieces` taken as one sequence: exactly what sorting would give. `scratch` is only used when the
+/// fast path ([`bracketed_order_statistics`]) misses.
+fn order_statistics(pieces: &[&[u32]], lo: usize, hi: usize, scratch: &mut Vec<u32>) -> (u32, u32) {
+    if let Some(found) = bracketed_order_statistics(pieces, lo, hi) {
+        return found;
+    }
+    scratch.clear();
+    for piece in pieces {
+        scratch.extend_from_slice(piece);
+    }
+    let (_, &mut a, right) = scratch.select_nth_unstable(lo);
+    let b = if hi > lo { *right.select_nth_unstable(hi - lo - 1).1 } else { a };
+    (a, b)
+}
+
+/// Every how many values the bracketing sub-sample takes one.
+const BRACKET_STRIDE: usize = 16;
+
+/// [`order_statistics`] by bracketing: the order statistics of a strided sub-sample a margin
+/// below `lo / stride` and above `hi / stride` give bounds `[a, b]`; one pass counts the values
+/// below `a` and keeps those inside (a few percent), and the ranks are selected among those. None
+/// when the bounds do not hold both ranks (then the values below `a` number more than `lo`, or
+/// those up to `b` not more than `hi`).
+fn bracketed_order_statistics(pieces: &[&[u32]], lo: usize, hi: usize) -> Option<(u32, u32)> {
+    // The sub-sample: every BRACKET_STRIDE-th value of the sequence.
+    let mut sub: Vec<u32> = Vec::with_capacity(pieces.iter().map(|p| p.len()).sum::<usize>() / BRACKET_STRIDE + 1);
+    let mut at = 0;
+    for piece in pieces {
+        let first = (BRACKET_STRIDE - at % BRACKET_STRIDE) % BRACKET_STRIDE;
+        sub.extend(piece.iter().skip(first).step_by(BRACKET_STRIDE));
+        at += piece.len();
+    }
+    let m = sub.len();
+    let margin = 4 * libm::sqrt(m as f64) as usize + 64;
+    let (ra, rb) = ((lo / BRACKET_STRIDE).saturating_sub(margin), hi / BRACKET_STRIDE + margin);
+    let a = if ra == 0 { 0 } else { *sub.select_nth_unstable(ra).1 };
+    let b = if rb >= m { u32::MAX } else { *sub.select_nth_unstable(rb).1 };
+    drop(sub);
+    // Counted first (vectorised), then the values inside compacted without a branch per value
+    // (one slot of slack takes the writes of the values outside).
+    let (mut below, mut upto) = (0usize, 0usize);
+    for piece in pieces {
+        below += piece.iter().map(|&x| usize::from(x < a)).sum::<usize>();
+        upto += piece.iter().map(|&x| usize::from(x <= b)).sum::<usize>();
+    }
+    if lo < below || hi >= upto {
+        return None;
+    }
+    let mut inside = vec![0u32; upto - below + 1];
+    let mut n = 0;
+    for piece in pieces {
+        for &x in *piece {
+            inside[n] = x;
+            n += usize::from(x >= a && x <= b);
+        }
+    }
+    inside.truncate(upto - below);
+    let (_, &mut x, right) = inside.select_nth_unstable(lo - below);
+    let y = if hi > lo { *right.select_nth_unstable(hi - lo - 1).1 } else { x };
+    Some((x, y))
 }
 
 /// The sample's estimate of the entries the window pass defers: in all and per tensor.
@@ -1817,6 +1881,33 @@ mod tests {
 
     /// On a larger set (the default sample then reads 1/32 of the entries) the default windows hold
     /// the thresholds and few entries are deferred; the result equals the naive reference.
+    /// The order statistics equal sorting's, by the bracketing fast path on ordinary values (with
+    /// many repeats) and by the full selection when the sub-sample misleads the bracket.
+    #[test]
+    fn order_statistics_equal_sorting_on_both_paths() {
+        use rand::RngExt;
+        let mut rng = crate::rng::stream(5, &[b"order-statistics"]);
+        let values: Vec<u32> = (0..50_000).map(|_| rng.random_range(0..20_000u32)).collect();
+        let pieces: Vec<&[u32]> = values.chunks(777).collect();
+        let mut sorted = values.clone();
+        sorted.sort_unstable();
+        let mut scratch = Vec::new();
+        for (lo, hi) in [(0, 0), (0, 10), (123, 456), (40_000, 40_100), (49_990, 49_999), (25_000, 25_000)] {
+            assert_eq!(bracketed_order_statistics(&pieces, lo, hi), Some((sorted[lo], sorted[hi])), "{lo} {hi}");
+            assert_eq!(order_statistics(&pieces, lo, hi, &mut scratch), (sorted[lo], sorted[hi]));
+        }
+        // Every sub-sampled value (each BRACKET_STRIDE-th) small, all others large: the bracket
+        // around rank 30 000 holds only small values, so the fast path declines.
+        let skewed: Vec<u32> = (0..50_000u32)
+            .map(|i| if (i as usize).trailing_zeros() >= BRACKET_STRIDE.trailing_zeros() { i } else { 1_000_000 + i })
+            .collect();
+        let pieces: Vec<&[u32]> = skewed.chunks(1000).collect();
+        let mut sorted = skewed.clone();
+        sorted.sort_unstable();
+        assert_eq!(bracketed_order_statistics(&pieces, 30_000, 30_050), None);
+        assert_eq!(order_statistics(&pieces, 30_000, 30_050, &mut scratch), (sorted[30_000], sorted[30_050]));
+    }
+
     #[test]
     fn sampled_windows_hold_the_threshold_on_a_larger_set() {
         let mut rng = crate::rng::stream(9, &[b"ties-sample-test"]);
