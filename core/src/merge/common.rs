@@ -14,7 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::executor::{Executor, Sequential, map_jobs};
 use super::{MergeError, MergeInput, Params, check_range};
-use crate::cpu::Simd;
+use crate::cpu::{Simd, prefetch};
 use crate::tensor::{ParamSet, Tensor};
 
 /// Entries per chunk: small enough that T chunks stay in L1/L2, large enough to amortise calls.
@@ -1161,14 +1161,13 @@ fn settle(
             let total = ties_kernel(simd, opt.aggregate, false, chunk);
             sign_total += i64::from(total);
             let at = &d.at[off..off + len];
-            // The deferred entries are sparse in the outputs: each group's output lines are read
-            // first, all at once (independent loads overlap their cache misses), then written.
-            for (ats, os) in at.chunks(64).zip(out[..len].chunks(64)) {
-                let touch = ats.iter().fold(0u32, |a, &i| a ^ values[i as usize].to_bits());
-                core::hint::black_box(touch);
-                for (&i, &v) in ats.iter().zip(os) {
-                    values[i as usize] = v;
+            // The deferred entries are sparse in the outputs: each one's output line is prefetched
+            // [`SETTLE_AHEAD`] entries ahead, so that many misses overlap.
+            for (e, (&i, &v)) in at.iter().zip(&out[..len]).enumerate() {
+                if let Some(&next) = d.at.get(off + e + SETTLE_AHEAD) {
+                    prefetch(&values[next as usize]);
                 }
+                values[i as usize] = v;
             }
             for (b, &m) in masks[..len.div_ceil(TIES_LANES)].iter().enumerate() {
                 let mut und = u32::from(m) >> UNDECIDED_SHIFT;
@@ -1236,6 +1235,10 @@ struct Sampling {
 }
 
 const SAMPLE_BLOCK: usize = 64;
+/// How many pieces ahead the sample prefetches.
+const SAMPLE_AHEAD: usize = 2;
+/// How many deferred entries ahead the settling prefetches their output lines.
+const SETTLE_AHEAD: usize = 32;
 /// The sample's pieces are read in this many groups (jobs; the result does not depend on it).
 const SAMPLE_GROUPS: usize = 16;
 const SAMPLING: Sampling = Sampling { stride: 2048, full: 1 << 17, z: 5.0, slack: SAMPLE_BLOCK as f64, shift: 0.0 };
@@ -1302,17 +1305,20 @@ fn sample_windows(
         let mut samples: Vec<Vec<u32>> = (0..tasks).map(|_| Vec::with_capacity(len)).collect();
         let mut buf = [0.0f32; SAMPLE_BLOCK];
         let mut bits = [0u32; SAMPLE_BLOCK];
-        // The pieces are far apart: each one's cache lines (every task's and the base's) are read
-        // one piece ahead, all at once, so that their misses overlap (plain sources).
+        // The pieces are far apart: each one's cache lines (every task's and the base's) are
+        // prefetched [`SAMPLE_AHEAD`] pieces ahead, so that their misses overlap (plain sources).
         let touch = |&(k, off, n): &(usize, usize, usize)| {
             if src.plain() {
-                let rows = flat.models.iter().map(|m| &m[k][off..off + n]).chain([&flat.base[k][off..off + n]]);
-                let sum = rows.fold(0u32, |a, r| r.iter().step_by(16).fold(a, |a, x| a ^ x.to_bits()));
-                core::hint::black_box(sum);
+                for r in flat.models.iter().map(|m| &m[k][off..off + n]).chain([&flat.base[k][off..off + n]]) {
+                    r.iter().step_by(16).chain(r.last()).for_each(prefetch);
+                }
             }
         };
+        for next in group.iter().take(SAMPLE_AHEAD) {
+            touch(next);
+        }
         for (i, &(k, off, n)) in group.iter().enumerate() {
-            if let Some(next) = group.get(i + 1) {
+            if let Some(next) = group.get(i + SAMPLE_AHEAD) {
                 touch(next);
             }
             for (t, sample) in samples.iter_mut().enumerate() {
