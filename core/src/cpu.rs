@@ -10,8 +10,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 pub enum Simd {
     /// The target's baseline (SSE2 on x86-64).
     Baseline,
-    /// x86-64 with AVX2 (256-bit integer and float vectors), supported by the CPU and enabled by the
-    /// operating system. Only [`Simd::detect`] returns it, and only where that holds.
+    /// x86-64 with AVX2 (256-bit integer and float vectors) and POPCNT (every AVX2 CPU has it),
+    /// supported by the CPU and enabled by the operating system. Only [`Simd::detect`] returns it,
+    /// and only where that holds.
     Avx2,
 }
 
@@ -34,7 +35,8 @@ impl Simd {
 }
 
 /// AVX2 present (CPUID leaf 7, EBX bit 5), and the YMM state enabled by the OS (CPUID leaf 1: AVX
-/// and OSXSAVE; XCR0 bits 1 and 2), as `std::is_x86_feature_detected!("avx2")` checks it.
+/// and OSXSAVE; XCR0 bits 1 and 2), as `std::is_x86_feature_detected!("avx2")` checks it; and
+/// POPCNT (CPUID leaf 1, ECX bit 23).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 fn avx2() -> bool {
@@ -42,9 +44,10 @@ fn avx2() -> bool {
     // SAFETY: CPUID exists on every x86-64 CPU.
     #[allow(unused_unsafe)]
     let (max_leaf, leaf1) = unsafe { (__cpuid(0).eax, __cpuid(1)) };
+    const POPCNT: u32 = 1 << 23;
     const OSXSAVE: u32 = 1 << 27;
     const AVX: u32 = 1 << 28;
-    if max_leaf < 7 || leaf1.ecx & OSXSAVE == 0 || leaf1.ecx & AVX == 0 {
+    if max_leaf < 7 || leaf1.ecx & OSXSAVE == 0 || leaf1.ecx & AVX == 0 || leaf1.ecx & POPCNT == 0 {
         return false;
     }
     // SAFETY: OSXSAVE is set, so XGETBV is available.
@@ -103,7 +106,10 @@ mod tests {
     #[test]
     fn detection_agrees_with_std() {
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(Simd::detect() == Simd::Avx2, std::is_x86_feature_detected!("avx2"));
+        assert_eq!(
+            Simd::detect() == Simd::Avx2,
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt")
+        );
         #[cfg(not(target_arch = "x86_64"))]
         assert_eq!(Simd::detect(), Simd::Baseline);
         // Cached: the same answer again.

@@ -676,6 +676,17 @@ const SET_BITS: [[u8; 8]; 256] = {
     table
 };
 
+/// How many bits each byte has set (the baseline x86-64 has no POPCNT instruction).
+const SET_COUNT: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut m = 0;
+    while m < 256 {
+        table[m] = (m as u32).count_ones() as u8;
+        m += 1;
+    }
+    table
+};
+
 /// TIES on the `W` entries at `j` of one chunk, carried through every task in registers, in one
 /// sweep over the tasks: trim, the trimmed sum, and beside it the sums of the positive and of the
 /// negative trimmed values (and their counts for the mean); then the elected sign picks the
@@ -826,9 +837,9 @@ fn ties_chunk<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
 /// either sign, so they are exactly `if x > 0 { x } else { 0 }` and `if x < 0 { x } else { 0 }`.
 ///
 /// # Safety
-/// The CPU must support AVX2 ([`Simd::detect`] returned [`Simd::Avx2`]).
+/// The CPU must support AVX2 and POPCNT ([`Simd::detect`] returned [`Simd::Avx2`]).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,popcnt")]
 #[allow(unsafe_code, unused_unsafe)]
 unsafe fn ties_chunk_avx2<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>) -> i32 {
     use core::arch::x86_64::*;
@@ -1028,6 +1039,7 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
     let mut kept = vec![[0u32; TIES_LANES]; tasks];
     // Chunk positions of the deferred entries, 8 slots of room past the last.
     let mut picked = vec![0u16; stride + TIES_LANES];
+    let mut subs: Vec<f32> = Vec::with_capacity(stride);
     let mut sign_total: i64 = 0;
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     // The elected sign of a zero sum: +1 (tensor scope) or undecided (0) until the end.
@@ -1060,7 +1072,7 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
             for (slot, &lane) in picked[picks..picks + TIES_LANES].iter_mut().zip(&SET_BITS[def]) {
                 *slot = first + u16::from(lane);
             }
-            picks += def.count_ones() as usize;
+            picks += usize::from(SET_COUNT[def]);
             let mut und = u32::from(m) >> UNDECIDED_SHIFT;
             while und != 0 {
                 undecided.push((kk, off + b * TIES_LANES + und.trailing_zeros() as usize));
@@ -1071,10 +1083,12 @@ fn tensor_pass(sh: &Shared<'_, '_>, kk: usize, mut out: Vec<f32>, mut deferred: 
         if !picked.is_empty() {
             deferred.at.extend(picked.iter().map(|&i| (off + usize::from(i)) as u32));
             deferred.base.extend(picked.iter().map(|&i| base[usize::from(i)]));
-            let sub = &rows.sub[..len];
+            // What the rows are measured from, gathered once for every task.
+            subs.clear();
+            subs.extend(picked.iter().map(|&i| rows.sub[usize::from(i)]));
             for (col, m) in deferred.values.iter_mut().zip(&rows.rows) {
                 let m = &m[..len];
-                col.extend(picked.iter().map(|&i| m[usize::from(i)] - sub[usize::from(i)]));
+                col.extend(picked.iter().zip(&subs).map(|(&i, &s)| m[usize::from(i)] - s));
             }
             let so_far = deferred_so_far.fetch_add(picked.len(), Ordering::Relaxed) + picked.len();
             if so_far > limit {
