@@ -800,7 +800,8 @@ fn ties_tail<const MEAN: bool, const COUNT: bool>(c: Chunk<'_>, full: usize) -> 
         let (t, lanes) = ties_block::<1, MEAN, COUNT>(rows, j, sub, base, cuts, zero_sign, lambda, out, kept);
         total += t;
         let at = &mut masks[j / TIES_LANES];
-        *at = if j == full { 0 } else { *at } | (lanes << (j % TIES_LANES)) as u16;
+        let before = if j == full { 0 } else { *at };
+        *at = before | (lanes << (j % TIES_LANES)) as u16;
     }
     total
 }
@@ -1321,7 +1322,7 @@ fn sample_windows(
         let mut bits = [0u32; SAMPLE_BLOCK];
         // The pieces are far apart: each one's cache lines (every task's and the base's) are
         // prefetched [`SAMPLE_AHEAD`] pieces ahead, so that their misses overlap (plain sources).
-        let touch = |&(k, off, n): &(usize, usize, usize)| {
+        let prefetch_piece = |&(k, off, n): &(usize, usize, usize)| {
             if src.plain() {
                 for r in flat.models.iter().map(|m| &m[k][off..off + n]).chain([&flat.base[k][off..off + n]]) {
                     r.iter().step_by(16).chain(r.last()).for_each(prefetch);
@@ -1329,11 +1330,11 @@ fn sample_windows(
             }
         };
         for next in group.iter().take(SAMPLE_AHEAD) {
-            touch(next);
+            prefetch_piece(next);
         }
         for (i, &(k, off, n)) in group.iter().enumerate() {
             if let Some(next) = group.get(i + SAMPLE_AHEAD) {
-                touch(next);
+                prefetch_piece(next);
             }
             for (t, sample) in samples.iter_mut().enumerate() {
                 src.fill(t, k, off, &mut buf[..n]);
