@@ -15,9 +15,10 @@
 //! `MERGEATTACK_BENCH_LAYERS` encoder layers, default 3 = 22 M entries per model, 12 = 88 M), each
 //! method timed best of `MERGEATTACK_BENCH_REPS` (default 3), beside a memory-copy baseline of the
 //! same bytes measured in the same run (into a pre-faulted buffer; a copy into a fresh allocation is
-//! printed beside it), the repetitions interleaved (every method once, then the copy, in turn), with the TIES / task-arithmetic ratio and the load average. Each method and
-//! the copy run on 1 thread and on `MERGEATTACK_BENCH_THREADS` (default 2) threads (the methods'
-//! jobs on the harness's thread executor, `MergeMethod::merge_on`; the copy split into equal parts
+//! printed beside it), the repetitions interleaved (every method once, then the copy, in turn),
+//! with the TIES / task-arithmetic ratio and the load average. Each method and the copy run on 1
+//! thread and on `MERGEATTACK_BENCH_THREADS` (default 2) threads (the methods' jobs on the
+//! harness's thread executor, `MergeMethod::merge_on`; the copy split into equal parts
 //! on scoped threads), and the ratios are printed at equal thread counts. The process has
 //! the allocator of the `mergeattack` binary (`mergeattack_harness::hugepages`: blocks of 2 MiB or
 //! more on transparent huge pages; task-arithmetic is also timed with it turned off) and glibc's

@@ -1349,12 +1349,11 @@ fn sample_windows(
     let order: Vec<usize> = (0..groups.len()).collect();
     // parts[g][t]: task t's sampled abs bits in group g (the sample is the groups in order).
     let parts = map_jobs(exec, groups.clone(), &order, gather);
-    // Per task: the window from the order statistics of its whole sample (one job per thread, each
-    // with a scratch for its run of tasks).
-    let window = |t: usize, scratch: &mut Vec<u32>| -> Window {
+    // Per task (one job each): the window from the order statistics of its whole sample.
+    let window = |t: usize, (): ()| -> Window {
         let values: Vec<&[u32]> = parts.iter().map(|part| &part[t][..]).collect();
         let clamp = |r: f64| (r.max(0.0) as usize).min(n_s.saturating_sub(1));
-        let (os_lo, os_hi) = order_statistics(&values, clamp(lo_r), clamp(hi_r), scratch);
+        let (os_lo, os_hi) = order_statistics(&values, clamp(lo_r), clamp(hi_r));
         let lo = if lo_r < 0.0 {
             1
         } else if (lo_r as usize) < n_s {
@@ -1371,16 +1370,8 @@ fn sample_windows(
         };
         Window { lo: lo.min(0x7fff_ffff), hi: hi.max(lo.min(0x7fff_ffff) + 1) }
     };
-    let per_job = tasks.div_ceil(exec.threads().clamp(1, tasks.max(1))).max(1);
-    let runs: Vec<core::ops::Range<usize>> = (0..tasks).step_by(per_job).map(|a| a..tasks.min(a + per_job)).collect();
-    let order: Vec<usize> = (0..runs.len()).collect();
-    let windows: Vec<Window> = map_jobs(exec, runs, &order, |_, run| {
-        let mut scratch: Vec<u32> = Vec::new();
-        run.map(|t| window(t, &mut scratch)).collect::<Vec<_>>()
-    })
-    .into_iter()
-    .flatten()
-    .collect();
+    let order: Vec<usize> = (0..tasks).collect();
+    let windows = map_jobs(exec, vec![(); tasks], &order, window);
     // Per group (one job each): per piece, its sampled entries (same positions in every task)
     // with some task's value inside its window.
     let count_hits = |g: usize, part: &Vec<Vec<u32>>| -> Vec<usize> {
@@ -1414,13 +1405,13 @@ fn sample_windows(
 }
 
 /// The values of ranks `lo <= hi` (0-based, ascending; `hi` below their count) among the values of
-/// `pieces` taken as one sequence: exactly what sorting would give. `scratch` is only used when the
-/// fast path ([`bracketed_order_statistics`]) misses.
-fn order_statistics(pieces: &[&[u32]], lo: usize, hi: usize, scratch: &mut Vec<u32>) -> (u32, u32) {
+/// `pieces` taken as one sequence: exactly what sorting would give. The values are copied only when
+/// the fast path ([`bracketed_order_statistics`]) misses.
+fn order_statistics(pieces: &[&[u32]], lo: usize, hi: usize) -> (u32, u32) {
     if let Some(found) = bracketed_order_statistics(pieces, lo, hi) {
         return found;
     }
-    scratch.clear();
+    let mut scratch: Vec<u32> = Vec::with_capacity(pieces.iter().map(|p| p.len()).sum());
     for piece in pieces {
         scratch.extend_from_slice(piece);
     }
@@ -1456,8 +1447,10 @@ fn bracketed_order_statistics(pieces: &[&[u32]], lo: usize, hi: usize) -> Option
     // (one slot of slack takes the writes of the values outside).
     let (mut below, mut upto) = (0usize, 0usize);
     for piece in pieces {
-        below += piece.iter().map(|&x| usize::from(x < a)).sum::<usize>();
-        upto += piece.iter().map(|&x| usize::from(x <= b)).sum::<usize>();
+        for &x in *piece {
+            below += usize::from(x < a);
+            upto += usize::from(x <= b);
+        }
     }
     if lo < below || hi >= upto {
         return None;
@@ -1912,10 +1905,9 @@ mod tests {
         let pieces: Vec<&[u32]> = values.chunks(777).collect();
         let mut sorted = values.clone();
         sorted.sort_unstable();
-        let mut scratch = Vec::new();
         for (lo, hi) in [(0, 0), (0, 10), (123, 456), (40_000, 40_100), (49_990, 49_999), (25_000, 25_000)] {
             assert_eq!(bracketed_order_statistics(&pieces, lo, hi), Some((sorted[lo], sorted[hi])), "{lo} {hi}");
-            assert_eq!(order_statistics(&pieces, lo, hi, &mut scratch), (sorted[lo], sorted[hi]));
+            assert_eq!(order_statistics(&pieces, lo, hi), (sorted[lo], sorted[hi]));
         }
         // Every sub-sampled value (each BRACKET_STRIDE-th) small, all others large: the bracket
         // around rank 30 000 holds only small values, so the fast path declines.
@@ -1926,7 +1918,7 @@ mod tests {
         let mut sorted = skewed.clone();
         sorted.sort_unstable();
         assert_eq!(bracketed_order_statistics(&pieces, 30_000, 30_050), None);
-        assert_eq!(order_statistics(&pieces, 30_000, 30_050, &mut scratch), (sorted[30_000], sorted[30_050]));
+        assert_eq!(order_statistics(&pieces, 30_000, 30_050), (sorted[30_000], sorted[30_050]));
     }
 
     #[test]
